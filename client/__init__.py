@@ -1,0 +1,1 @@
+"""Flower ClientApp for fedllm: thin wiring over the `fedllm` library."""

@@ -1,0 +1,47 @@
+"""The fedllm ClientApp: receive the global adapter, train or evaluate, reply.
+
+A train reply holds the adapter delta (local minus global) and metrics, nothing else:
+no text, no tokens, no per-record gradients, no non-adapter tensor.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.runtime import evaluate_client, train_client
+from fedllm.config import KEYS, Config
+
+app = ClientApp()
+
+
+def _config(msg: Message) -> tuple[Config, ConfigRecord]:
+    record = msg.content["config"]
+    return Config.from_flat({k: v for k, v in record.items() if k in KEYS}), record
+
+
+def _partition(context: Context) -> int:
+    return int(context.node_config["partition-id"])
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    config, record = _config(msg)
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    data, delta, result = train_client(
+        config, _partition(context), global_state, int(record["server-round"]),
+        proximal_mu=float(record.get("proximal-mu", 0.0)),
+    )
+    metrics = MetricRecord({"num-examples": data.num_records, "train-loss": result.loss, "steps": result.steps})
+    content = RecordDict({"arrays": ArrayRecord(delta), "metrics": metrics,
+                          "client": ConfigRecord({"client-id": data.client_id})})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    config, _ = _config(msg)
+    data, metrics = evaluate_client(config, _partition(context), msg.content["arrays"].to_torch_state_dict())
+    content = RecordDict({"metrics": MetricRecord({"num-examples": len(data.heldout), **metrics}),
+                          "client": ConfigRecord({"client-id": data.client_id})})
+    return Message(content=content, reply_to=msg)

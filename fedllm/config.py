@@ -1,0 +1,310 @@
+"""One typed run configuration, built from flat dotted keys and validated up front.
+
+The same keys work in TOML files (`[lora] r = 8` or `"lora.r" = 8`), in `--set lora.r=8`
+overrides and in Flower's `--run-config`. Keys are Flower-style kebab-case; groups are
+dotted. Every value is checked before anything runs, and an error names the key and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from fedllm.errors import ConfigError
+
+Check = Callable[[Any], bool]
+
+
+def _key(default: Any, check: Check | None = None, allowed: str = "", doc: str = "") -> Any:
+    return field(default=default, metadata={"check": check, "allowed": allowed, "doc": doc})
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _fraction(v: Any) -> bool:
+    return 0 < v < 1
+
+
+def _one_of(*choices: str) -> tuple[Check, str]:
+    return (lambda v: v in choices), "one of " + ", ".join(repr(c) for c in choices)
+
+
+POS_INT = (_positive, "an integer >= 1")
+NON_NEG_INT = (_non_negative, "an integer >= 0")
+POS_FLOAT = (_positive, "a number > 0")
+NON_NEG_FLOAT = (_non_negative, "a number >= 0")
+FRACTION = (_fraction, "a number strictly between 0 and 1")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = _key("", None, "a folder path", "folder of per-client .txt/.jsonl files; empty: the embedded plays")
+    min_records: int = _key(20, *POS_INT, doc="a role/file needs this many records to become a client")
+    holdout_fraction: float = _key(0.2, *FRACTION, doc="share of each client's last records held out")
+    public_fraction: float = _key(0.5, *FRACTION, doc="share of plays kept public for the base model")
+    split_seed: int = _key(0, *NON_NEG_INT, doc="seed of the public/private split of plays")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = _key("builtin", lambda v: bool(v.strip()), "'builtin', a Hugging Face hub id or a local path")
+    max_length: int = _key(128, lambda v: v >= 8, "an integer >= 8", "tokens per record (longer ones are truncated)")
+    cache_dir: str = _key("", None, "a folder path", "where the built-in base is cached; empty: ~/.cache/fedllm")
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    vocab_size: int = _key(4096, lambda v: v >= 300, "an integer >= 300")
+    hidden_size: int = _key(256, lambda v: v >= 16, "an integer >= 16")
+    layers: int = _key(4, *POS_INT)
+    heads: int = _key(4, *POS_INT)
+    seq_len: int = _key(128, lambda v: v >= 16, "an integer >= 16")
+    steps: int = _key(400, *POS_INT)
+    batch_size: int = _key(16, *POS_INT)
+    lr: float = _key(3e-3, *POS_FLOAT)
+    seed: int = _key(0, *NON_NEG_INT)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = _key(8, *POS_INT, doc="LoRA rank")
+    alpha: float = _key(16.0, *POS_FLOAT)
+    dropout: float = _key(0.0, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    target_modules: str = _key("auto", lambda v: bool(v.strip()), "'auto' or comma-separated module names")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = _key(8, *POS_INT)
+    lr: float = _key(3e-3, *POS_FLOAT)
+    weight_decay: float = _key(0.0, *NON_NEG_FLOAT)
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = _key("fedavg", *_one_of("fedavg", "fedadam", "fedprox"))
+    proximal_mu: float = _key(0.01, *NON_NEG_FLOAT, doc="FedProx proximal term weight")
+    server_lr: float = _key(0.01, *POS_FLOAT, doc="FedAdam server learning rate (eta)")
+    beta_1: float = _key(0.9, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    beta_2: float = _key(0.99, lambda v: 0 <= v < 1, "a number in [0, 1)")
+    tau: float = _key(1e-3, *POS_FLOAT, doc="FedAdam adaptivity")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    num_clients: int = _key(20, *POS_INT, doc="fixed set of clients whose held-out sets are evaluated")
+    batch_size: int = _key(16, *POS_INT)
+    every: int = _key(1, *POS_INT, doc="evaluate every N rounds (and always after the last)")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    num_cpus: int = _key(0, *NON_NEG_INT, doc="CPUs for the simulation engine; 0: all")
+    cpus_per_client: int = _key(1, *POS_INT)
+
+
+@dataclass(frozen=True)
+class Config:
+    num_server_rounds: int = _key(5, *POS_INT)
+    num_clients: int = _key(100, *POS_INT)
+    clients_per_round: int = _key(10, *POS_INT)
+    local_steps: int = _key(10, *POS_INT, doc="optimizer steps per client per round")
+    seed: int = _key(0, *NON_NEG_INT)
+    run_dir: str = _key("", None, "a folder path", "empty: runs/<timestamp>")
+    round_timeout: float = _key(600.0, *POS_FLOAT, doc="seconds to wait for replies in a round")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any]) -> "Config":
+        """Build and validate a config from flat dotted keys over the defaults."""
+        return with_overrides(cls(), values)
+
+    def to_flat(self) -> dict[str, bool | int | float | str]:
+        """Flat dotted keys, the shape Flower's run_config and ConfigRecord take."""
+        return dict(_iter_flat(self, ""))
+
+    def with_values(self, values: Mapping[str, Any]) -> "Config":
+        return with_overrides(self, values)
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _iter_flat(obj: Any, prefix: str):
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        key = prefix + _kebab(f.name)
+        if _is_group(f):
+            yield from _iter_flat(value, key + ".")
+        else:
+            yield key, value
+
+
+def _is_group(f) -> bool:
+    return "check" not in f.metadata
+
+
+def _spec() -> dict[str, tuple[str, ...]]:
+    """Flat key -> attribute path, e.g. 'lora.target-modules' -> ('lora', 'target_modules')."""
+    spec = {}
+    for f in fields(Config):
+        if _is_group(f):
+            for g in fields(f.default_factory()):
+                spec[f"{_kebab(f.name)}.{_kebab(g.name)}"] = (f.name, g.name)
+        else:
+            spec[_kebab(f.name)] = (f.name,)
+    return spec
+
+
+KEYS = _spec()
+
+
+def _field(path: tuple[str, ...]):
+    owner: Any = Config
+    for name in path[:-1]:
+        owner = next(f for f in fields(owner) if f.name == name).default_factory
+    return next(f for f in fields(owner) if f.name == path[-1])
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"config key '{key}': got {value!r}, expected {expected}")
+
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise bad("true or false")
+    if kind is int:
+        if isinstance(value, bool):
+            raise bad("an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise bad("an integer") from None
+        raise bad("an integer")
+    if kind is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise bad("a number") from None
+        if not math.isfinite(number):
+            raise bad("a finite number")
+        return number
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise bad("a string")
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def with_overrides(config: Config, values: Mapping[str, Any]) -> Config:
+    """Apply flat dotted keys to `config`, refusing unknown keys and bad values."""
+    groups: dict[str, dict[str, Any]] = {}
+    top: dict[str, Any] = {}
+    for key, raw in values.items():
+        if key not in KEYS:
+            close = difflib.get_close_matches(key, KEYS, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{key}'{hint} (`fedllm keys` lists them all)")
+        path = KEYS[key]
+        f = _field(path)
+        value = _coerce(key, raw, _TYPES[f.type] if isinstance(f.type, str) else f.type)
+        check = f.metadata["check"]
+        if check is not None and not check(value):
+            raise ConfigError(f"config key '{key}': got {value!r}, expected {f.metadata['allowed']}")
+        if len(path) == 2:
+            groups.setdefault(path[0], {})[path[1]] = value
+        else:
+            top[path[0]] = value
+    for group, changes in groups.items():
+        top[group] = replace(getattr(config, group), **changes)
+    result = replace(config, **top)
+    _check_together(result)
+    return result
+
+
+def _check_together(c: Config) -> None:
+    if c.clients_per_round > c.num_clients:
+        raise ConfigError(
+            f"clients-per-round={c.clients_per_round} exceeds num-clients={c.num_clients}; "
+            "lower clients-per-round or raise num-clients"
+        )
+    if c.evaluate.num_clients > c.num_clients:
+        raise ConfigError(
+            f"evaluate.num-clients={c.evaluate.num_clients} exceeds num-clients={c.num_clients}; "
+            "lower evaluate.num-clients"
+        )
+    if c.base.hidden_size % c.base.heads:
+        raise ConfigError(
+            f"base.hidden-size={c.base.hidden_size} must be a multiple of base.heads={c.base.heads}"
+        )
+
+
+def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """TOML tables to flat dotted keys: {'lora': {'r': 8}} -> {'lora.r': 8}."""
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    """Flat keys from a TOML experiment file; a `[config]` table is used when present."""
+    try:
+        table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: not valid TOML ({exc})") from None
+    return flatten(table.get("config", table))
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """`key=value` from the command line; the value is typed later, by the key."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def describe_keys() -> list[tuple[str, Any, str]]:
+    """(key, default, what is allowed / what it does) for every key, for `fedllm keys`."""
+    rows = []
+    defaults = Config().to_flat()
+    for key, path in KEYS.items():
+        meta = _field(path).metadata
+        note = "; ".join(x for x in (meta["allowed"], meta["doc"]) if x)
+        rows.append((key, defaults[key], note))
+    return rows

@@ -1,0 +1,33 @@
+"""Held-out loss, perplexity and next-token top-1/top-3 accuracy."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fedllm.data.tokens import collate
+
+METRICS = ("loss", "perplexity", "top1", "top3", "tokens")
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[list[int]], batch_size: int, pad_id: int) -> dict[str, float]:
+    """Token-weighted over the whole held-out set; perplexity is exp(mean token loss)."""
+    model.eval()
+    nll_sum, tokens, top1, top3 = 0.0, 0, 0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad_id)
+        logits = model(**batch).logits[:, :-1]
+        targets, mask = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].bool()
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        nll_sum += nll[mask].sum().item()
+        tokens += int(mask.sum())
+        best3 = logits.topk(3, dim=-1).indices
+        hits = best3 == targets.unsqueeze(-1)
+        top1 += int(hits[..., 0][mask].sum())
+        top3 += int(hits.any(-1)[mask].sum())
+    loss = nll_sum / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(loss), "top1": top1 / max(tokens, 1),
+            "top3": top3 / max(tokens, 1), "tokens": float(tokens)}

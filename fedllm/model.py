@@ -1,0 +1,144 @@
+"""Load a base causal LM, attach LoRA, and move adapter tensors in and out.
+
+Only adapter tensors ever cross the wire or get checkpointed; the keys are peft's
+(`get_peft_model_state_dict`), the same as in a saved `adapter_model.safetensors`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fedllm.base import BaseRecipe, default_cache_dir, ensure_base
+from fedllm.errors import ModelError
+
+# Attention projections LoRA adapts, per `config.model_type`; q and v as in the LoRA paper.
+TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+}
+
+AdapterState = dict[str, torch.Tensor]
+
+
+def base_recipe(config) -> BaseRecipe:
+    b = config.base
+    return BaseRecipe(
+        vocab_size=b.vocab_size, hidden_size=b.hidden_size, layers=b.layers, heads=b.heads,
+        seq_len=b.seq_len, steps=b.steps, batch_size=b.batch_size, lr=b.lr, seed=b.seed,
+        public_fraction=config.data.public_fraction, split_seed=config.data.split_seed,
+    )
+
+
+def resolve_base(config, progress: bool = True) -> str:
+    """A path or hub id that `from_pretrained` loads; builds the built-in base if needed."""
+    if config.model.name == "builtin":
+        cache = Path(config.model.cache_dir) if config.model.cache_dir else default_cache_dir()
+        return str(ensure_base(base_recipe(config), cache, progress=progress))
+    return config.model.name
+
+
+def load_base(name_or_path: str):
+    """Model (fp32, eval mode, frozen) and tokenizer from a local path or the local HF cache."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(name_or_path).expanduser()
+    if (name_or_path.startswith((".", "/", "~")) or local.exists()) and not local.is_dir():
+        raise ModelError(f"model.name={name_or_path}: no such model directory")
+    source = str(local) if local.is_dir() else name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ModelError(
+            f"model.name={name_or_path}: cannot load it ({exc}). fedllm runs offline: give a local "
+            "directory in Hugging Face format, a hub id already in the local cache, or 'builtin'"
+        ) from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.requires_grad_(False)
+    model.eval()
+    return model, tokenizer
+
+
+def target_modules(model, setting: str = "auto") -> list[str]:
+    if setting != "auto":
+        return [name.strip() for name in setting.split(",") if name.strip()]
+    model_type = getattr(model.config, "model_type", "")
+    if model_type not in TARGET_MODULES:
+        raise ModelError(
+            f"no default LoRA target modules for model type '{model_type}'; "
+            "set lora.target-modules to a comma-separated list of module names"
+        )
+    return TARGET_MODULES[model_type]
+
+
+def attach_lora(model, lora, seed: int):
+    """Wrap `model` with one trainable LoRA adapter; the initial A is seeded, B is zero."""
+    from peft import LoraConfig, get_peft_model
+
+    names = target_modules(model, lora.target_modules)
+    torch.manual_seed(seed)
+    peft_config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=names, task_type="CAUSAL_LM"
+    )
+    try:
+        peft_model = get_peft_model(model, peft_config)
+    except ValueError as exc:
+        raise ModelError(f"lora.target-modules={lora.target_modules}: {exc}") from exc
+    return peft_model
+
+
+def adapter_state(peft_model) -> AdapterState:
+    """A detached fp32 copy of the adapter tensors, keyed as peft saves them."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def load_adapter_state(peft_model, state: AdapterState) -> None:
+    """Copy adapter tensors in; refuses anything but exactly the adapter's own keys."""
+    from peft import set_peft_model_state_dict
+
+    expected = adapter_state(peft_model)
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ModelError(f"adapter keys do not match: missing {missing[:3]}, unexpected {extra[:3]}")
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ModelError(f"adapter tensor {key}: shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}")
+    result = set_peft_model_state_dict(peft_model, state)
+    if getattr(result, "unexpected_keys", None):
+        raise ModelError(f"adapter keys not used by the model: {result.unexpected_keys[:3]}")
+
+
+def base_model_bytes(model) -> int:
+    """Bytes of the base model's own parameters (LoRA tensors excluded)."""
+    seen, total = set(), 0
+    for name, param in model.named_parameters():
+        if "lora_" in name or id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel() * param.element_size()
+    return total
+
+
+def state_bytes(state: AdapterState) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def save_adapter(peft_model, state: AdapterState, path: Path) -> None:
+    """Write `state` as a PEFT adapter directory (`PeftModel.from_pretrained` loads it)."""
+    load_adapter_state(peft_model, state)
+    peft_model.save_pretrained(str(path))

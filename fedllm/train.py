@@ -1,0 +1,76 @@
+"""The local training loop: one plain loop for private and non-private training.
+
+A DP engine wraps the model, optimizer and loader *before* they reach this loop
+(`loader_for` builds the loader it would replace); the loop itself never changes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from fedllm.data.tokens import collate
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    loss: float  # mean over steps of the batch-mean per-sequence loss
+    num_examples: int
+
+
+def sequence_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token loss of each sequence, shape (batch,).
+
+    Per sequence, then averaged by the caller: HF's `out.loss` averages tokens across the
+    whole batch, which couples examples (and breaks per-sample clipping under DP).
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    targets, mask = input_ids[:, 1:], attention_mask[:, 1:].to(logits.dtype)
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def loader_for(examples: list[list[int]], batch_size: int, pad_id: int, seed: int) -> torch.utils.data.DataLoader:
+    """Shuffled batches of whole records; reshuffled each pass, seeded."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        examples, batch_size=min(batch_size, len(examples)), shuffle=True, generator=generator,
+        collate_fn=partial(collate, pad_id=pad_id),
+    )
+
+
+def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
+
+
+def proximal_term(model, anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx: (mu / 2) * ||w - w_global||^2 over the trainable (adapter) weights."""
+    terms = [((p - anchor[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad]
+    return 0.5 * mu * torch.stack(terms).sum()
+
+
+def train_local(model, loader, optimizer, steps: int, proximal_mu: float = 0.0) -> TrainResult:
+    """Run `steps` optimizer steps, cycling through the loader as often as needed."""
+    anchor = None
+    if proximal_mu > 0:
+        anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.train()
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    total, seen = 0.0, 0
+    for _ in range(steps):
+        batch = next(batches)
+        loss = sequence_losses(model, batch["input_ids"], batch["attention_mask"]).mean()
+        objective = loss + proximal_term(model, anchor, proximal_mu) if anchor is not None else loss
+        optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        optimizer.step()
+        total += loss.item()
+        seen += len(batch["input_ids"])
+    model.eval()
+    return TrainResult(steps=steps, loss=total / steps, num_examples=seen)

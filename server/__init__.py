@@ -1,0 +1,1 @@
+"""Flower ServerApp for fedllm: strategy wiring, reply validation, run directory."""

@@ -1,0 +1,172 @@
+"""The server's round loop: sample, train, validate, aggregate, checkpoint, evaluate.
+
+Flower's `Strategy.start` runs all rounds in one call; fedllm needs to act between the
+steps of a round (drop bad replies, write the run directory), so it drives the
+strategy's `configure_train` / `aggregate_train` itself, one round at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from tqdm.auto import tqdm
+
+from fedllm.config import Config
+from fedllm.evaluate import METRICS
+from fedllm.model import adapter_state, attach_lora, base_model_bytes, load_base, resolve_base, save_adapter
+from fedllm.rundir import RunDir
+from server.strategies import as_weights, make_strategy
+from server.validation import AdapterSpec, check_evaluate_reply, check_train_reply, client_id_of
+
+log = logging.getLogger("fedllm.server")
+EVAL_METRICS = frozenset({"num-examples", *METRICS})
+
+
+def _float32(arrays: ArrayRecord) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=np.float32)) for k, v in arrays.items()})
+
+
+def _upload_bytes(msg: Message) -> int:
+    return sum(a.numpy().nbytes for record in msg.content.array_records.values() for a in record.values())
+
+
+def _to_state(arrays: ArrayRecord):
+    return arrays.to_torch_state_dict()
+
+
+def _mean_metrics(per_client: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Unweighted mean over clients: each client's held-out set counts once."""
+    if not per_client:
+        return {}
+    return {m: statistics.fmean(c[m] for c in per_client.values()) for m in ("loss", "perplexity", "top1", "top3")}
+
+
+class Rounds:
+    def __init__(self, grid: Grid, config: Config, run_dir: Path):
+        self.grid, self.config, self.run = grid, config, RunDir(run_dir)
+        self.base = resolve_base(config)
+        model, _ = load_base(self.base)
+        self.model = attach_lora(model, config.lora, config.seed)
+        self.arrays = ArrayRecord(adapter_state(self.model))
+        self.spec = AdapterSpec.from_state(adapter_state(self.model))
+        self.base_bytes = base_model_bytes(self.model)
+        self.upload: list[int] = []
+        self.rejected = 0
+
+    def _config_record(self, server_round: int) -> ConfigRecord:
+        return ConfigRecord({**self.config.to_flat(), "server-round": server_round})
+
+    def train_round(self, server_round: int, strategy) -> dict[str, Any]:
+        messages = strategy.configure_train(server_round, self.arrays, self._config_record(server_round), self.grid)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
+        accepted, dropped = [], []
+        for msg in replies:
+            reason = check_train_reply(msg, self.spec)
+            if reason is None:
+                accepted.append(msg)
+                continue
+            node = msg.metadata.src_node_id
+            log.warning("round %d: dropped reply from client %s (node %d): %s",
+                        server_round, client_id_of(msg), node, reason)
+            dropped.append({"node": node, "client_id": client_id_of(msg), "reason": reason})
+        self.rejected += len(dropped)
+        upload = [_upload_bytes(m) for m in accepted]
+        self.upload.extend(upload)
+        record = {
+            "clients": [client_id_of(m) for m in accepted],
+            "train_loss": [float(next(iter(m.content.metric_records.values()))["train-loss"]) for m in accepted],
+            "upload_bytes": upload,
+            "dropped": dropped,
+        }
+        if accepted:
+            weights = [as_weights(m, self.arrays) for m in accepted]
+            new_arrays, _ = strategy.aggregate_train(server_round, weights)
+            if new_arrays is not None:
+                self.arrays = _float32(new_arrays)
+        else:
+            log.warning("round %d: no acceptable replies; global adapter unchanged", server_round)
+        return record
+
+    def evaluate(self, server_round: int, nodes: list[int]) -> dict[str, Any]:
+        content = RecordDict({"arrays": self.arrays, "config": self._config_record(server_round)})
+        messages = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
+        per_client: dict[str, dict[str, float]] = {}
+        for msg in self.grid.send_and_receive(messages, timeout=self.config.round_timeout):
+            reason = check_evaluate_reply(msg, EVAL_METRICS)
+            if reason is not None:
+                log.warning("round %d: evaluation reply from node %d dropped: %s",
+                            server_round, msg.metadata.src_node_id, reason)
+                continue
+            metrics = next(iter(msg.content.metric_records.values()))
+            per_client[client_id_of(msg)] = {k: float(v) for k, v in metrics.items()}
+        return {"clients": dict(sorted(per_client.items())), "mean": _mean_metrics(per_client)}
+
+    def checkpoint(self, server_round: int) -> Path:
+        path = self.run.checkpoint(server_round)
+        save_adapter(self.model, _to_state(self.arrays), path)
+        return path
+
+    def run_all(self) -> dict[str, Any]:
+        config, started = self.config, time.time()
+        self.run.write_config(config)
+        random.seed(config.seed)  # Flower's node sampling draws from `random`
+        eval_nodes, all_nodes = sample_nodes(self.grid, config.clients_per_round, config.evaluate.num_clients)
+        strategy = make_strategy(config, len(all_nodes))
+
+        base_eval = self.evaluate(0, eval_nodes)
+        self.run.append_metrics({"round": 0, "evaluate": base_eval, "seconds": round(time.time() - started, 2)})
+        last_eval = base_eval
+        bar = tqdm(range(1, config.num_server_rounds + 1), desc="rounds", unit="round")
+        for server_round in bar:
+            t0 = time.time()
+            record: dict[str, Any] = {"round": server_round, "train": self.train_round(server_round, strategy)}
+            record["checkpoint"] = str(self.checkpoint(server_round).relative_to(self.run.path))
+            if server_round % config.evaluate.every == 0 or server_round == config.num_server_rounds:
+                last_eval = record["evaluate"] = self.evaluate(server_round, eval_nodes)
+                bar.set_postfix(ppl=f"{last_eval['mean'].get('perplexity', float('nan')):.2f}")
+            record["seconds"] = round(time.time() - t0, 2)
+            self.run.append_metrics(record)
+            losses = record["train"]["train_loss"]
+            tqdm.write(
+                f"round {server_round}/{config.num_server_rounds}: {len(losses)} clients, "
+                f"train loss {statistics.fmean(losses) if losses else float('nan'):.3f}, "
+                f"held-out ppl {last_eval['mean'].get('perplexity', float('nan')):.2f}, "
+                f"{len(record['train']['dropped'])} dropped, {record['seconds']:.1f}s"
+            )
+        bar.close()
+        summary = self.summary(base_eval, last_eval, time.time() - started)
+        self.run.write_summary(summary)
+        return summary
+
+    def summary(self, base_eval: dict, last_eval: dict, seconds: float) -> dict[str, Any]:
+        upload = statistics.fmean(self.upload) if self.upload else 0.0
+        common = sorted(set(base_eval["clients"]) & set(last_eval["clients"]))
+        return {
+            "rounds": self.config.num_server_rounds,
+            "num_clients": self.config.num_clients,
+            "clients_per_round": self.config.clients_per_round,
+            "strategy": self.config.strategy.name,
+            "base_model": self.base,
+            "evaluated_clients": common,
+            "base": _mean_metrics({c: base_eval["clients"][c] for c in common}),
+            "global": _mean_metrics({c: last_eval["clients"][c] for c in common}),
+            "upload_bytes_per_client_round": upload,
+            "base_model_bytes": self.base_bytes,
+            "upload_fraction_of_base": upload / self.base_bytes,
+            "rejected_replies": self.rejected,
+            "final_checkpoint": str(self.run.checkpoint(self.config.num_server_rounds).relative_to(self.run.path)),
+            "wall_seconds": round(seconds, 1),
+        }
+
+
+def run_server(grid: Grid, config: Config, run_dir: Path) -> dict[str, Any]:
+    return Rounds(grid, config, run_dir).run_all()

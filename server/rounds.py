@@ -119,7 +119,8 @@ class Rounds:
         config, started = self.config, time.time()
         self.run.write_config(config)
         random.seed(config.seed)  # Flower's node sampling draws from `random`
-        eval_nodes, all_nodes = sample_nodes(self.grid, config.clients_per_round, config.evaluate.num_clients)
+        num_eval = min(config.evaluate.num_clients, config.num_clients)
+        eval_nodes, all_nodes = sample_nodes(self.grid, config.clients_per_round, num_eval)
         strategy = make_strategy(config, len(all_nodes))
 
         base_eval = self.evaluate(0, eval_nodes)

@@ -37,12 +37,17 @@ def backend_config(config: Config) -> dict[str, Any]:
     }
 
 
-def simulate(config: Config, run_dir: Path) -> dict[str, Any]:
-    """Run the whole simulation; returns summary.json's content."""
+def simulate(config: Config, run_dir: Path, client_app=None) -> dict[str, Any]:
+    """Run the whole simulation; returns summary.json's content.
+
+    `client_app` defaults to fedllm's ClientApp; tests pass a misbehaving one.
+    """
     from flwr.simulation import run_simulation
 
-    from client.app import app as client_app
     from server.app import make_server_app
+
+    if client_app is None:
+        from client.app import app as client_app
 
     load_clients(config)  # refuse bad data settings before starting any worker
     resolve_base(config)  # build the built-in base once, here, with a progress bar

@@ -1,0 +1,87 @@
+import re
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedllm.config import Config
+from server.rounds import _float32
+from server.strategies import as_weights, make_strategy
+from server.validation import AdapterSpec, check_train_reply
+
+SPEC = AdapterSpec({"a.lora_A.weight": (2, 4), "a.lora_B.weight": (4, 2)})
+
+
+@pytest.fixture(autouse=True)
+def _identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _reply(arrays=None, metrics=None, node=7):
+    if arrays is None:
+        arrays = {k: np.full(s, 0.5, dtype=np.float32) for k, s in SPEC.shapes.items()}
+    if metrics is None:
+        metrics = {"num-examples": 10, "train-loss": 1.0, "steps": 3}
+    sent = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                          "metrics": MetricRecord(metrics), "client": ConfigRecord({"client-id": "x"})})
+    return Message(content=content, reply_to=sent)
+
+
+def _good():
+    return {k: np.full(s, 0.5, dtype=np.float32) for k, s in SPEC.shapes.items()}
+
+
+def test_a_good_reply_passes():
+    assert check_train_reply(_reply(), SPEC) is None
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda a: a.__setitem__("a.lora_A.weight", np.full((2, 4), np.nan, np.float32)), "non-finite"),
+    (lambda a: a.__setitem__("a.lora_A.weight", np.full((2, 4), np.inf, np.float32)), "non-finite"),
+    (lambda a: a.__setitem__("a.lora_A.weight", np.zeros((4, 4), np.float32)), "shape"),
+    (lambda a: a.__setitem__("a.lora_A.weight", np.zeros((2, 4), np.float64)), "dtype"),
+    (lambda a: a.__setitem__("lm_head.weight", np.zeros(3, np.float32)), "unknown \\['lm_head.weight'\\]"),
+    (lambda a: a.pop("a.lora_B.weight"), "missing \\['a.lora_B.weight'\\]"),
+])
+def test_bad_arrays_are_named(mutate, reason):
+    arrays = _good()
+    mutate(arrays)
+    assert re.search(reason, check_train_reply(_reply(arrays), SPEC) or "")
+
+
+@pytest.mark.parametrize("metrics, reason", [
+    ({"num-examples": 10, "train-loss": 1.0}, "metric keys"),
+    ({"num-examples": 10, "train-loss": 1.0, "steps": 3, "extra": 1}, "metric keys"),
+    ({"num-examples": 0, "train-loss": 1.0, "steps": 3}, "num-examples"),
+    ({"num-examples": 10, "train-loss": float("nan"), "steps": 3}, "train-loss"),
+])
+def test_bad_metrics_are_named(metrics, reason):
+    assert reason in check_train_reply(_reply(metrics=metrics), SPEC)
+
+
+def test_error_reply_is_dropped_with_its_reason():
+    sent = Message(content=RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN)
+    reply = Message(Error(code=0, reason="client crashed"), reply_to=sent)
+    assert "client crashed" in check_train_reply(reply, SPEC)
+
+
+def test_deltas_aggregate_to_global_plus_weighted_mean_delta():
+    config = Config.from_flat({"num-clients": 10, "clients-per-round": 2})
+    strategy = make_strategy(config, 10)
+    glob = ArrayRecord({k: Array(np.ones(s, np.float32)) for k, s in SPEC.shapes.items()})
+    r1 = _reply({k: np.full(s, 1.0, np.float32) for k, s in SPEC.shapes.items()}, {"num-examples": 1, "train-loss": 1.0, "steps": 1})
+    r2 = _reply({k: np.full(s, 4.0, np.float32) for k, s in SPEC.shapes.items()}, {"num-examples": 3, "train-loss": 1.0, "steps": 1})
+    arrays, _ = strategy.aggregate_train(1, [as_weights(r1, glob), as_weights(r2, glob)])
+    for k in SPEC.shapes:
+        np.testing.assert_allclose(arrays[k].numpy(), 1 + (1 * 1 + 3 * 4) / 4)
+
+
+def test_fedadam_result_stays_float32():
+    config = Config.from_flat({"num-clients": 10, "clients-per-round": 2, "strategy.name": "fedadam"})
+    strategy = make_strategy(config, 10)
+    glob = ArrayRecord({k: Array(np.ones(s, np.float32)) for k, s in SPEC.shapes.items()})
+    strategy.current_arrays = {k: v.numpy() for k, v in glob.items()}
+    arrays, _ = strategy.aggregate_train(1, [as_weights(_reply(), glob)])
+    assert all(v.dtype == "float32" for v in _float32(arrays).values())

@@ -9,7 +9,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.runtime import evaluate_client, train_client
+from client.runtime import client_data, evaluate_client, train_client
 from fedllm.config import KEYS, Config
 
 app = ClientApp()
@@ -43,5 +43,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     config, _ = _config(msg)
     data, metrics = evaluate_client(config, _partition(context), msg.content["arrays"].to_torch_state_dict())
     content = RecordDict({"metrics": MetricRecord({"num-examples": len(data.heldout), **metrics}),
+                          "client": ConfigRecord({"client-id": data.client_id})})
+    return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Who is this node? Lets the server sample and evaluate by client, reproducibly."""
+    config, _ = _config(msg)
+    data = client_data(config, _partition(context))
+    content = RecordDict({"metrics": MetricRecord({"num-records": data.num_records, "num-heldout": len(data.heldout)}),
                           "client": ConfigRecord({"client-id": data.client_id})})
     return Message(content=content, reply_to=msg)

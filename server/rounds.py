@@ -8,7 +8,6 @@ strategy's `configure_train` / `aggregate_train` itself, one round at a time.
 from __future__ import annotations
 
 import logging
-import random
 import statistics
 import time
 from pathlib import Path
@@ -17,13 +16,14 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from tqdm.auto import tqdm
 
 from fedllm.config import Config
+from fedllm.errors import FedllmError
 from fedllm.evaluate import METRICS
 from fedllm.model import adapter_state, attach_lora, base_model_bytes, load_base, resolve_base, save_adapter
 from fedllm.rundir import RunDir
+from server.sampling import ClientSampler, SampledGrid, discover
 from server.strategies import as_weights, make_strategy
 from server.validation import AdapterSpec, check_evaluate_reply, check_train_reply, client_id_of
 
@@ -65,8 +65,9 @@ class Rounds:
     def _config_record(self, server_round: int) -> ConfigRecord:
         return ConfigRecord({**self.config.to_flat(), "server-round": server_round})
 
-    def train_round(self, server_round: int, strategy) -> dict[str, Any]:
-        messages = strategy.configure_train(server_round, self.arrays, self._config_record(server_round), self.grid)
+    def train_round(self, server_round: int, strategy, nodes: list[int]) -> dict[str, Any]:
+        grid = SampledGrid(self.grid, nodes)
+        messages = strategy.configure_train(server_round, self.arrays, self._config_record(server_round), grid)
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
         accepted, dropped = [], []
         for msg in replies:
@@ -118,10 +119,15 @@ class Rounds:
     def run_all(self) -> dict[str, Any]:
         config, started = self.config, time.time()
         self.run.write_config(config)
-        random.seed(config.seed)  # Flower's node sampling draws from `random`
-        num_eval = min(config.evaluate.num_clients, config.num_clients)
-        eval_nodes, all_nodes = sample_nodes(self.grid, config.clients_per_round, num_eval)
-        strategy = make_strategy(config, len(all_nodes))
+        clients = discover(self.grid, self._config_record(0), config.num_clients, config.round_timeout)
+        if len(clients) < config.clients_per_round:
+            raise FedllmError(
+                f"only {len(clients)} nodes said which client they hold; clients-per-round="
+                f"{config.clients_per_round} cannot be met (see the warnings above)"
+            )
+        sampler = ClientSampler(clients, config.seed)
+        eval_nodes = sampler.fixed_subset(config.evaluate.num_clients, config.seed + 1)
+        strategy = make_strategy(config)
 
         base_eval = self.evaluate(0, eval_nodes)
         self.run.append_metrics({"round": 0, "evaluate": base_eval, "seconds": round(time.time() - started, 2)})
@@ -129,7 +135,8 @@ class Rounds:
         bar = tqdm(range(1, config.num_server_rounds + 1), desc="rounds", unit="round")
         for server_round in bar:
             t0 = time.time()
-            record: dict[str, Any] = {"round": server_round, "train": self.train_round(server_round, strategy)}
+            record: dict[str, Any] = {"round": server_round, "train": self.train_round(
+                server_round, strategy, sampler.sample(config.clients_per_round))}
             record["checkpoint"] = str(self.checkpoint(server_round).relative_to(self.run.path))
             if server_round % config.evaluate.every == 0 or server_round == config.num_server_rounds:
                 last_eval = record["evaluate"] = self.evaluate(server_round, eval_nodes)

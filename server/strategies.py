@@ -13,13 +13,14 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from fedllm.config import Config
 
 
-def make_strategy(config: Config, num_available: int) -> Strategy:
-    """The configured strategy, sampling exactly `clients-per-round` clients a round."""
+def make_strategy(config: Config) -> Strategy:
+    """The configured strategy. fedllm samples the clients (server.sampling) and offers the
+    strategy only those, so it takes all it is offered."""
     s = config.strategy
     common = dict(
-        fraction_train=config.clients_per_round / num_available,
-        min_train_nodes=config.clients_per_round,
-        min_available_nodes=config.clients_per_round,
+        fraction_train=1.0,
+        min_train_nodes=1,
+        min_available_nodes=1,
         fraction_evaluate=0.0,  # evaluation uses a fixed client set, see server.rounds
     )
     if s.name == "fedadam":

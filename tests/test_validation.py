@@ -69,7 +69,7 @@ def test_error_reply_is_dropped_with_its_reason():
 
 def test_deltas_aggregate_to_global_plus_weighted_mean_delta():
     config = Config.from_flat({"num-clients": 10, "clients-per-round": 2})
-    strategy = make_strategy(config, 10)
+    strategy = make_strategy(config)
     glob = ArrayRecord({k: Array(np.ones(s, np.float32)) for k, s in SPEC.shapes.items()})
     r1 = _reply({k: np.full(s, 1.0, np.float32) for k, s in SPEC.shapes.items()}, {"num-examples": 1, "train-loss": 1.0, "steps": 1})
     r2 = _reply({k: np.full(s, 4.0, np.float32) for k, s in SPEC.shapes.items()}, {"num-examples": 3, "train-loss": 1.0, "steps": 1})
@@ -80,7 +80,7 @@ def test_deltas_aggregate_to_global_plus_weighted_mean_delta():
 
 def test_fedadam_result_stays_float32():
     config = Config.from_flat({"num-clients": 10, "clients-per-round": 2, "strategy.name": "fedadam"})
-    strategy = make_strategy(config, 10)
+    strategy = make_strategy(config)
     glob = ArrayRecord({k: Array(np.ones(s, np.float32)) for k, s in SPEC.shapes.items()})
     strategy.current_arrays = {k: v.numpy() for k, v in glob.items()}
     arrays, _ = strategy.aggregate_train(1, [as_weights(_reply(), glob)])

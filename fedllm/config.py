@@ -87,7 +87,7 @@ class LoraConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = _key(8, *POS_INT)
-    lr: float = _key(3e-3, *POS_FLOAT)
+    lr: float = _key(1e-2, *POS_FLOAT)
     weight_decay: float = _key(0.0, *NON_NEG_FLOAT)
 
 
@@ -119,7 +119,7 @@ class Config:
     num_server_rounds: int = _key(5, *POS_INT)
     num_clients: int = _key(100, *POS_INT)
     clients_per_round: int = _key(10, *POS_INT)
-    local_steps: int = _key(10, *POS_INT, doc="optimizer steps per client per round")
+    local_steps: int = _key(5, *POS_INT, doc="optimizer steps per client per round")
     seed: int = _key(0, *NON_NEG_INT)
     run_dir: str = _key("", None, "a folder path", "empty: runs/<timestamp>")
     round_timeout: float = _key(600.0, *POS_FLOAT, doc="seconds to wait for replies in a round")

@@ -1,0 +1,70 @@
+"""What it costs: epsilon from a list of charges, and noise calibration.
+
+Opacus' accountants are the primary ones (PRV by default: tight, and it agrees with
+dp-accounting's PLD to about 1%). dp-accounting's PLD and RDP are the independent
+second opinions an auditor uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedllm.privacy.events import Charge
+
+ACCOUNTANTS = ("prv", "rdp")
+
+
+def _history(charges: Sequence[Charge]) -> list[tuple[float, float, int]]:
+    return [(c.noise_multiplier, c.sample_rate, c.steps) for c in charges if c.steps > 0]
+
+
+def epsilon(charges: Sequence[Charge], delta: float, accountant: str = "prv") -> float:
+    """Epsilon of all charges composed, with Opacus' `accountant` ("prv" or "rdp")."""
+    from opacus.accountants import create_accountant
+
+    history = _history(charges)
+    if not history:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = history
+    return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv") -> float:
+    """The noise multiplier that spends exactly `target_epsilon` over `steps` steps."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                      steps=steps, accountant=accountant, epsilon_tolerance=0.005))
+
+
+def _dp_event(charges: Sequence[Charge]):
+    import dp_accounting
+
+    return dp_accounting.ComposedDpEvent([
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+        for sigma, q, steps in _history(charges)
+    ])
+
+
+def epsilon_pld(charges: Sequence[Charge], delta: float) -> float:
+    """Independent recomputation with Google's dp-accounting, privacy loss distributions."""
+    from dp_accounting.pld import PLDAccountant
+
+    if not _history(charges):
+        return 0.0
+    acc = PLDAccountant()
+    acc.compose(_dp_event(charges))
+    return float(acc.get_epsilon(delta))
+
+
+def epsilon_rdp_dp_accounting(charges: Sequence[Charge], delta: float) -> float:
+    """Second opinion: dp-accounting's RDP accountant."""
+    from dp_accounting.rdp import RdpAccountant
+
+    if not _history(charges):
+        return 0.0
+    acc = RdpAccountant()
+    acc.compose(_dp_event(charges))
+    return float(acc.get_epsilon(delta))

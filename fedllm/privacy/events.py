@@ -1,0 +1,30 @@
+"""What happened, as plain data: every DP-SGD participation of a client.
+
+Like dp-accounting's `DpEvent`, a charge records exactly what an accountant needs
+(noise multiplier, sampling rate, number of steps) and nothing about how it was
+implemented. Any accountant recomputes epsilon from a list of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Charge:
+    """`steps` Poisson-subsampled Gaussian steps at `sample_rate` with `noise_multiplier`."""
+
+    round: int
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    kind: str = "train"  # what the steps were for: "train" (shared) or "personal"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Charge":
+        return cls(round=int(d["round"]), noise_multiplier=float(d["noise_multiplier"]),
+                   sample_rate=float(d["sample_rate"]), steps=int(d["steps"]), kind=str(d.get("kind", "train")))

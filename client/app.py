@@ -1,10 +1,13 @@
 """The fedllm ClientApp: receive the global adapter, train or evaluate, reply.
 
-A train reply holds the adapter delta (local minus global) and metrics, nothing else:
-no text, no tokens, no per-record gradients, no non-adapter tensor.
+A train reply holds the adapter delta (local minus global), metrics and, under DP, the
+client's epsilon report; nothing else: no text, no tokens, no per-record gradients, no
+non-adapter tensor. A client whose budget would be exceeded declines: no delta at all.
 """
 
 from __future__ import annotations
+
+import json
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -28,13 +31,19 @@ def _partition(context: Context) -> int:
 def train(msg: Message, context: Context) -> Message:
     config, record = _config(msg)
     global_state = msg.content["arrays"].to_torch_state_dict()
-    data, delta, result = train_client(
+    update = train_client(
         config, _partition(context), global_state, int(record["server-round"]),
         proximal_mu=float(record.get("proximal-mu", 0.0)),
     )
-    metrics = MetricRecord({"num-examples": data.num_records, "train-loss": result.loss, "steps": result.steps})
-    content = RecordDict({"arrays": ArrayRecord(delta), "metrics": metrics,
-                          "client": ConfigRecord({"client-id": data.client_id})})
+    content = RecordDict({"client": ConfigRecord({"client-id": update.data.client_id, "declined": update.declined})})
+    if update.privacy is not None:
+        content["privacy"] = ConfigRecord({"report": json.dumps(update.privacy)})
+    if update.delta is not None:
+        content["arrays"] = ArrayRecord(update.delta)
+        content["metrics"] = MetricRecord({
+            "num-examples": update.data.num_records, "train-loss": update.result.loss,
+            "steps": update.result.steps, "epsilon": update.privacy["epsilon"] if update.privacy else 0.0,
+        })
     return Message(content=content, reply_to=msg)
 
 

@@ -61,10 +61,40 @@ def client_seed(seed: int, server_round: int, client_id: str) -> int:
     return zlib.crc32(f"{seed}/{server_round}/{client_id}".encode())
 
 
+@dataclass
+class Update:
+    """What one client round produced. `delta` is None when the client declined."""
+
+    data: ClientData
+    delta: dict[str, torch.Tensor] | None
+    result: object | None  # fedllm.train.TrainResult
+    privacy: dict | None  # the epsilon report, when DP is on
+    declined: str = ""
+
+
+def open_ledger(config: Config, data: ClientData):
+    from fedllm.config import planned_rounds
+    from fedllm.privacy.engine import poisson_sample_rate
+    from fedllm.privacy.ledger import Ledger
+    from fedllm.state import StateStore, state_root
+
+    p = config.privacy
+    return Ledger.open(
+        StateStore(state_root(config), data.client_id).ledger_path, client_id=data.client_id,
+        num_records=data.num_records, delta=p.delta, target_epsilon=p.target_epsilon,
+        sample_rate=poisson_sample_rate(data.num_records, config.train.batch_size),
+        max_grad_norm=p.max_grad_norm, planned_steps=planned_rounds(config) * config.local_steps,
+        accountant=p.accountant,
+    )
+
+
 def train_client(config: Config, partition_id: int, global_state: dict[str, torch.Tensor],
-                 server_round: int, proximal_mu: float = 0.0):
-    """One client's round: apply the global adapter, train locally, return the delta."""
+                 server_round: int, proximal_mu: float = 0.0) -> Update:
+    """One client round: apply the global adapter, train locally (privately when DP is
+    on, after charging the ledger), return the delta."""
     from fedllm.model import adapter_state, load_adapter_state
+    from fedllm.privacy.engine import check_adapter_moved, make_private
+    from fedllm.privacy.report import client_report
     from fedllm.train import loader_for, make_optimizer, train_local
 
     worker = worker_for(config)
@@ -74,10 +104,31 @@ def train_client(config: Config, partition_id: int, global_state: dict[str, torc
     loader = loader_for(train_examples, config.train.batch_size, worker.tokenizer.pad_token_id,
                         client_seed(config.seed, server_round, data.client_id))
     optimizer = make_optimizer(worker.model, config.train.lr, config.train.weight_decay)
-    result = train_local(worker.model, loader, optimizer, config.local_steps, proximal_mu)
+
+    ledger = None
+    if config.privacy.enabled:
+        ledger = open_ledger(config, data)
+        charges = [ledger.next_charge(server_round, config.local_steps)]
+        affordable, after = ledger.affordable(charges)
+        if not affordable:
+            reason = (f"declined: this round would bring epsilon to {after:.3f}, over the target "
+                      f"{ledger.target_epsilon:g} (spent so far {ledger.epsilon():.3f})")
+            return Update(data, None, None, client_report(ledger, declined=reason), declined=reason)
+        ledger.charge(charges)  # before training: a crash can only over-report
+        private = make_private(worker.model, optimizer, loader, ledger.noise_multiplier,
+                               config.privacy.max_grad_norm)
+        try:
+            result = train_local(worker.model, private.loader, private.optimizer, config.local_steps, proximal_mu)
+        finally:
+            private.close()
+    else:
+        result = train_local(worker.model, loader, optimizer, config.local_steps, proximal_mu)
+
     local = adapter_state(worker.model)
+    if ledger is not None:
+        check_adapter_moved(global_state, local)
     delta = {k: local[k] - global_state[k].to(torch.float32) for k in local}
-    return data, delta, result
+    return Update(data, delta, result, client_report(ledger) if ledger else None)
 
 
 def evaluate_client(config: Config, partition_id: int, global_state: dict[str, torch.Tensor]):

@@ -115,6 +115,17 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    enabled: bool = _key(True, None, "true or false", "record-level DP-SGD on every client")
+    target_epsilon: float = _key(8.0, *POS_FLOAT, doc="per-client epsilon budget over its whole life")
+    delta: float = _key(1e-5, *FRACTION, doc="per-client delta; must be below 1/n for n records")
+    max_grad_norm: float = _key(1.0, *POS_FLOAT, doc="per-record gradient clipping bound")
+    planned_rounds: int = _key(0, *NON_NEG_INT, doc="participations the noise is calibrated for; 0: auto")
+    accountant: str = _key("prv", *_one_of("prv", "rdp"))
+    state_dir: str = _key("", None, "a folder path", "client state stores (ledgers); empty: <run-dir>/clients")
+
+
+@dataclass(frozen=True)
 class Config:
     num_server_rounds: int = _key(5, *POS_INT)
     num_clients: int = _key(100, *POS_INT)
@@ -131,6 +142,7 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any]) -> "Config":
@@ -143,6 +155,15 @@ class Config:
 
     def with_values(self, values: Mapping[str, Any]) -> "Config":
         return with_overrides(self, values)
+
+
+def planned_rounds(config: Config) -> int:
+    """Participations per client the noise is calibrated for: the configured number, or
+    twice the expected number under uniform sampling (at least 1, at most every round)."""
+    if config.privacy.planned_rounds:
+        return config.privacy.planned_rounds
+    expected = config.num_server_rounds * config.clients_per_round / config.num_clients
+    return max(1, min(config.num_server_rounds, math.ceil(2 * expected)))
 
 
 def _kebab(name: str) -> str:

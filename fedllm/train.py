@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from fedllm.data.tokens import collate
+from fedllm.privacy.engine import is_empty, noise_only_step
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,14 @@ def train_local(model, loader, optimizer, steps: int, proximal_mu: float = 0.0) 
         anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.train()
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    total, seen = 0.0, 0
+    total, seen, empties = 0.0, 0, 0
     for _ in range(steps):
         batch = next(batches)
+        if is_empty(batch):  # only a Poisson (DP) loader yields these
+            optimizer.zero_grad(set_to_none=True)
+            noise_only_step(optimizer)
+            empties += 1
+            continue
         loss = sequence_losses(model, batch["input_ids"], batch["attention_mask"]).mean()
         objective = loss + proximal_term(model, anchor, proximal_mu) if anchor is not None else loss
         optimizer.zero_grad(set_to_none=True)
@@ -73,4 +79,5 @@ def train_local(model, loader, optimizer, steps: int, proximal_mu: float = 0.0) 
         total += loss.item()
         seen += len(batch["input_ids"])
     model.eval()
-    return TrainResult(steps=steps, loss=total / steps, num_examples=seen)
+    batches_with_data = max(1, steps - empties)
+    return TrainResult(steps=steps, loss=total / batches_with_data, num_examples=seen)

@@ -18,14 +18,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
+from fedllm import atomic
 from fedllm.config import Config
 from fedllm.errors import FedllmError
 from fedllm.evaluate import METRICS
 from fedllm.model import adapter_state, attach_lora, base_model_bytes, load_base, resolve_base, save_adapter
+from fedllm.privacy.report import summarize
 from fedllm.rundir import RunDir
 from server.sampling import ClientSampler, SampledGrid, discover
 from server.strategies import as_weights, make_strategy
-from server.validation import AdapterSpec, check_evaluate_reply, check_train_reply, client_id_of
+from server.validation import (AdapterSpec, check_evaluate_reply, check_train_reply, client_id_of, declined_reason,
+                               privacy_report)
 
 log = logging.getLogger("fedllm.server")
 EVAL_METRICS = frozenset({"num-examples", *METRICS})
@@ -52,6 +55,8 @@ def _mean_metrics(per_client: dict[str, dict[str, float]]) -> dict[str, float]:
 
 class Rounds:
     def __init__(self, grid: Grid, config: Config, run_dir: Path):
+        # Clients find their state stores (ledgers) under the run directory: send it to them.
+        config = config.with_values({"run-dir": str(run_dir)})
         self.grid, self.config, self.run = grid, config, RunDir(run_dir)
         self.base = resolve_base(config)
         model, _ = load_base(self.base)
@@ -61,6 +66,8 @@ class Rounds:
         self.base_bytes = base_model_bytes(self.model)
         self.upload: list[int] = []
         self.rejected = 0
+        self.privacy_reports: dict[str, dict[str, Any]] = {}
+        self.declined: dict[str, list[int]] = {}
 
     def _config_record(self, server_round: int) -> ConfigRecord:
         return ConfigRecord({**self.config.to_flat(), "server-round": server_round})
@@ -69,8 +76,17 @@ class Rounds:
         grid = SampledGrid(self.grid, nodes)
         messages = strategy.configure_train(server_round, self.arrays, self._config_record(server_round), grid)
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
-        accepted, dropped = [], []
+        accepted, dropped, declined = [], [], []
         for msg in replies:
+            report = privacy_report(msg)
+            if report is not None:
+                self.record_privacy(client_id_of(msg), report)
+            why = declined_reason(msg)
+            if why:
+                log.info("round %d: client %s %s", server_round, client_id_of(msg), why)
+                declined.append({"client_id": client_id_of(msg), "reason": why})
+                self.declined.setdefault(client_id_of(msg), []).append(server_round)
+                continue
             reason = check_train_reply(msg, self.spec)
             if reason is None:
                 accepted.append(msg)
@@ -87,6 +103,7 @@ class Rounds:
             "train_loss": [float(next(iter(m.content.metric_records.values()))["train-loss"]) for m in accepted],
             "upload_bytes": upload,
             "dropped": dropped,
+            "declined": declined,
         }
         if accepted:
             weights = [as_weights(m, self.arrays) for m in accepted]
@@ -110,6 +127,17 @@ class Rounds:
             metrics = next(iter(msg.content.metric_records.values()))
             per_client[client_id_of(msg)] = {k: float(v) for k, v in metrics.items()}
         return {"clients": dict(sorted(per_client.items())), "mean": _mean_metrics(per_client)}
+
+    def record_privacy(self, client_id: str, report: dict[str, Any]) -> None:
+        """Keep the client's latest epsilon report (it carries its whole history)."""
+        self.privacy_reports[client_id] = report
+        safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in client_id)
+        atomic.write_json(self.run.path / "privacy" / "clients" / f"{safe}.json", report)
+
+    def privacy_summary(self) -> dict[str, Any]:
+        summary = {"enabled": self.config.privacy.enabled, **summarize(self.privacy_reports, self.declined)}
+        atomic.write_json(self.run.path / "privacy" / "summary.json", summary)
+        return summary
 
     def checkpoint(self, server_round: int) -> Path:
         path = self.run.checkpoint(server_round)
@@ -148,8 +176,11 @@ class Rounds:
                 f"round {server_round}/{config.num_server_rounds}: {len(losses)} clients, "
                 f"train loss {statistics.fmean(losses) if losses else float('nan'):.3f}, "
                 f"held-out ppl {last_eval['mean'].get('perplexity', float('nan')):.2f}, "
-                f"{len(record['train']['dropped'])} dropped, {record['seconds']:.1f}s"
+                f"{len(record['train']['dropped'])} dropped, {len(record['train']['declined'])} declined, "
+                f"{record['seconds']:.1f}s"
             )
+            if config.privacy.enabled:
+                self.privacy_summary()
         bar.close()
         summary = self.summary(base_eval, last_eval, time.time() - started)
         self.run.write_summary(summary)
@@ -171,6 +202,7 @@ class Rounds:
             "base_model_bytes": self.base_bytes,
             "upload_fraction_of_base": upload / self.base_bytes,
             "rejected_replies": self.rejected,
+            "privacy": self.privacy_summary() if self.config.privacy.enabled else {"enabled": False},
             "final_checkpoint": str(self.run.checkpoint(self.config.num_server_rounds).relative_to(self.run.path)),
             "wall_seconds": round(seconds, 1),
         }

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import Message
 
-TRAIN_METRICS = frozenset({"num-examples", "train-loss", "steps"})
+TRAIN_METRICS = frozenset({"num-examples", "train-loss", "steps", "epsilon"})
 
 
 @dataclass(frozen=True)
@@ -77,3 +77,25 @@ def check_evaluate_reply(msg: Message, metric_keys: frozenset[str]) -> str | Non
     if any(isinstance(v, list) or not math.isfinite(float(v)) for v in metrics.values()):
         return "non-finite metric values"
     return None
+
+
+def declined_reason(msg: Message) -> str:
+    """The reason a client gave for declining a round, or "" if it did not decline."""
+    if msg.has_error() or "client" not in msg.content.config_records:
+        return ""
+    return str(msg.content["client"].get("declined", "") or "")
+
+
+def privacy_report(msg: Message) -> dict | None:
+    """The client's epsilon report, if it sent a well-formed one."""
+    import json
+
+    if msg.has_error() or "privacy" not in msg.content.config_records:
+        return None
+    try:
+        report = json.loads(str(msg.content["privacy"]["report"]))
+    except (KeyError, ValueError):
+        return None
+    if not isinstance(report, dict) or not isinstance(report.get("epsilon"), (int, float)):
+        return None
+    return report

@@ -65,6 +65,17 @@ def simulate(config: Config, run_dir: Path, client_app=None) -> dict[str, Any]:
     return run.summary()
 
 
+def privacy_line(privacy: dict[str, Any]) -> str:
+    if not privacy.get("enabled"):
+        return "privacy                 off (no differential privacy)"
+    eps = privacy.get("epsilon")
+    if not eps:
+        return "privacy                 record-level DP on; no client reported"
+    return (f"privacy                 record-level DP, epsilon min/median/max {eps['min']:.2f}/"
+            f"{eps['median']:.2f}/{eps['max']:.2f} (target {privacy['target_epsilon']:g}, delta "
+            f"{privacy['delta']:g}); {privacy['declines']} declines by {len(privacy['declined'])} clients")
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     base, glob = summary["base"], summary["global"]
     rows = [
@@ -82,6 +93,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"upload per client/round {up / 1024:.1f} KiB of adapter deltas = {100 * up / full:.2f}% "
         f"of the base model ({full / 2**20:.1f} MiB)",
         f"rejected replies        {summary['rejected_replies']}",
+        privacy_line(summary.get("privacy", {})),
         f"rounds                  {summary['rounds']}, {summary['wall_seconds']:.0f}s",
     ]
     return "\n".join(lines)

@@ -11,7 +11,7 @@ from fedllm.config import Config
 
 def test_simulate_end_to_end(tmp_path, cache_dir, capsys):
     run_dir = tmp_path / "run"
-    assert main(["simulate", "--config", str(TINY), "--run-dir", str(run_dir)]) == 0
+    assert main(["simulate", "--config", str(TINY), "--run-dir", str(run_dir), "--set", "privacy.enabled=false"]) == 0
     out = capsys.readouterr().out
     assert "held-out perplexity" in out and "upload per client/round" in out
 
@@ -62,3 +62,36 @@ def test_malformed_updates_are_dropped_and_the_round_completes(tmp_path, cache_d
         assert any("unknown" in r and "lm_head" in r for r in reasons)
     assert summary["rejected_replies"] == 6
     assert (tmp_path / "run" / "checkpoints" / "round-2" / "adapter_model.safetensors").exists()
+
+
+def test_private_run_reports_recomputable_epsilons_and_clients_decline(tmp_path, cache_dir):
+    """Every client trains every round; the noise is planned for 2 participations, so in
+    round 3 every client would exceed its budget and declines; the run still completes."""
+    from fedllm.privacy.accounting import epsilon_pld
+    from fedllm.privacy.events import Charge
+    from simulations.runner import load_experiment, simulate
+
+    run_dir = tmp_path / "run"
+    config = load_experiment(TINY, {"clients-per-round": 6, "num-server-rounds": 3, "privacy.planned-rounds": 2,
+                                    "privacy.target-epsilon": 3.0})
+    summary = simulate(config, run_dir)
+    assert summary["rounds"] == 3 and (run_dir / "checkpoints" / "round-3").is_dir()
+
+    privacy = json.loads((run_dir / "privacy" / "summary.json").read_text())
+    assert privacy["clients_reporting"] == 6 and privacy["over_target"] == []
+    assert privacy["declines"] == 6 and all(rounds == [3] for rounds in privacy["declined"].values())
+    assert privacy["epsilon"]["max"] <= 3.0
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(rounds[3]["train"]["declined"]) == 6 and not rounds[3]["train"]["clients"]
+
+    for path in (run_dir / "privacy" / "clients").glob("*.json"):
+        report = json.loads(path.read_text())
+        for field in ("client_id", "privacy_unit", "num_records", "delta", "epsilon", "target_epsilon",
+                      "accountant", "sampling", "secure_rng", "history"):
+            assert field in report, (path.name, field)
+        assert report["sampling"] == "poisson" and report["secure_rng"] is False
+        assert [h["round"] for h in report["history"]] == [1, 2]
+        charges = [Charge(h["round"], h["noise_multiplier"], h["sample_rate"], h["steps"]) for h in report["history"]]
+        assert epsilon_pld(charges, report["delta"]) == pytest.approx(report["epsilon"], rel=0.02)
+        ledger = json.loads((run_dir / "clients" / report["client_id"] / "ledger.json").read_text())
+        assert ledger["history"] == [{**h} for h in report["history"]]

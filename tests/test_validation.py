@@ -22,7 +22,7 @@ def _reply(arrays=None, metrics=None, node=7):
     if arrays is None:
         arrays = {k: np.full(s, 0.5, dtype=np.float32) for k, s in SPEC.shapes.items()}
     if metrics is None:
-        metrics = {"num-examples": 10, "train-loss": 1.0, "steps": 3}
+        metrics = {"num-examples": 10, "train-loss": 1.0, "steps": 3, "epsilon": 0.0}
     sent = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
     content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                           "metrics": MetricRecord(metrics), "client": ConfigRecord({"client-id": "x"})})
@@ -52,10 +52,10 @@ def test_bad_arrays_are_named(mutate, reason):
 
 
 @pytest.mark.parametrize("metrics, reason", [
-    ({"num-examples": 10, "train-loss": 1.0}, "metric keys"),
-    ({"num-examples": 10, "train-loss": 1.0, "steps": 3, "extra": 1}, "metric keys"),
-    ({"num-examples": 0, "train-loss": 1.0, "steps": 3}, "num-examples"),
-    ({"num-examples": 10, "train-loss": float("nan"), "steps": 3}, "train-loss"),
+    ({"num-examples": 10, "train-loss": 1.0, "epsilon": 0.0}, "metric keys"),
+    ({"num-examples": 10, "train-loss": 1.0, "steps": 3, "epsilon": 0.0, "extra": 1}, "metric keys"),
+    ({"num-examples": 0, "train-loss": 1.0, "steps": 3, "epsilon": 0.0}, "num-examples"),
+    ({"num-examples": 10, "train-loss": float("nan"), "steps": 3, "epsilon": 0.0}, "train-loss"),
 ])
 def test_bad_metrics_are_named(metrics, reason):
     assert reason in check_train_reply(_reply(metrics=metrics), SPEC)
@@ -71,8 +71,8 @@ def test_deltas_aggregate_to_global_plus_weighted_mean_delta():
     config = Config.from_flat({"num-clients": 10, "clients-per-round": 2})
     strategy = make_strategy(config)
     glob = ArrayRecord({k: Array(np.ones(s, np.float32)) for k, s in SPEC.shapes.items()})
-    r1 = _reply({k: np.full(s, 1.0, np.float32) for k, s in SPEC.shapes.items()}, {"num-examples": 1, "train-loss": 1.0, "steps": 1})
-    r2 = _reply({k: np.full(s, 4.0, np.float32) for k, s in SPEC.shapes.items()}, {"num-examples": 3, "train-loss": 1.0, "steps": 1})
+    r1 = _reply({k: np.full(s, 1.0, np.float32) for k, s in SPEC.shapes.items()}, {"num-examples": 1, "train-loss": 1.0, "steps": 1, "epsilon": 0.0})
+    r2 = _reply({k: np.full(s, 4.0, np.float32) for k, s in SPEC.shapes.items()}, {"num-examples": 3, "train-loss": 1.0, "steps": 1, "epsilon": 0.0})
     arrays, _ = strategy.aggregate_train(1, [as_weights(r1, glob), as_weights(r2, glob)])
     for k in SPEC.shapes:
         np.testing.assert_allclose(arrays[k].numpy(), 1 + (1 * 1 + 3 * 4) / 4)

@@ -15,7 +15,16 @@ ACCOUNTANTS = ("prv", "rdp")
 
 
 def _history(charges: Sequence[Charge]) -> list[tuple[float, float, int]]:
-    return [(c.noise_multiplier, c.sample_rate, c.steps) for c in charges if c.steps > 0]
+    """(noise multiplier, sample rate, steps), identical mechanisms merged.
+
+    Composition is commutative, so merging changes no epsilon; it keeps PRV and PLD
+    fast (one entry per distinct mechanism instead of one per round).
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for c in charges:
+        if c.steps > 0:
+            merged[(c.noise_multiplier, c.sample_rate)] = merged.get((c.noise_multiplier, c.sample_rate), 0) + c.steps
+    return [(sigma, q, steps) for (sigma, q), steps in merged.items()]
 
 
 def epsilon(charges: Sequence[Charge], delta: float, accountant: str = "prv") -> float:

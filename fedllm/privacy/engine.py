@@ -1,0 +1,111 @@
+"""The one front door to DP-SGD: `make_private` turns the plain model, optimizer and
+loader of `fedllm.train` into private ones, with Opacus, and refuses states in which
+the reported epsilon would not hold.
+
+Choices (see ../shared/ARCHITECTURE.md): per-sample gradients by hooks on the LoRA
+layers only, flat clipping, Poisson sampling; the HF model is not wrapped. Sampling and
+noise draw from generators seeded with OS entropy, never from the run seed (the server
+knows that seed, and knowing the noise would undo it).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from fedllm.errors import FedllmError
+
+
+# Expected here, and stated in every report instead (`secure_rng: false`): torch 2.x has no
+# secure RNG for Opacus; and the frozen base means no *input* needs a gradient.
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+
+
+class PrivacyError(FedllmError):
+    """A state in which a reported epsilon would be false; training must stop."""
+
+
+def entropy_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+
+
+def poisson_sample_rate(num_records: int, batch_size: int) -> float:
+    """The rate Opacus' DPDataLoader uses: 1 / (number of batches of the plain loader)."""
+    return 1.0 / -(-num_records // min(batch_size, num_records))
+
+
+def check_only_adapter_trainable(model) -> None:
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    foreign = [n for n in trainable if "lora_A" not in n and "lora_B" not in n]
+    if foreign:
+        raise PrivacyError(f"non-adapter parameters are trainable under DP: {foreign[:3]}; only LoRA may train")
+    if not trainable:
+        raise PrivacyError("no trainable LoRA parameters: nothing to train privately")
+
+
+@dataclass
+class Private:
+    """The private training objects, and the hooks to remove when the round is done."""
+
+    optimizer: torch.optim.Optimizer
+    loader: torch.utils.data.DataLoader
+    sample_rate: float
+    hooks: object
+
+    def close(self) -> None:
+        self.hooks.cleanup()
+        for p in self.optimizer.params:
+            p.grad_sample = None
+
+
+def make_private(model, optimizer, loader, noise_multiplier: float, max_grad_norm: float) -> Private:
+    """Opacus DP-SGD over `model`'s trainable (LoRA) parameters, Poisson-sampled."""
+    from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    check_only_adapter_trainable(model)
+    model.train()  # Opacus attaches per-sample hooks only to a model in training mode
+    plain = torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn,
+                                        generator=entropy_generator())
+    engine = PrivacyEngine(accountant="prv", secure_mode=False)
+    hooks, dp_optimizer, dp_loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=plain, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks", wrap_model=False,
+        noise_generator=entropy_generator(),
+    )
+    expected = poisson_sample_rate(len(loader.dataset), loader.batch_size)
+    sampler = getattr(dp_loader, "batch_sampler", None)
+    if not isinstance(dp_loader, DPDataLoader) or not isinstance(sampler, UniformWithReplacementSampler):
+        raise PrivacyError("DP-SGD loader is not Poisson-sampled; the reported epsilon would not hold")
+    if abs(sampler.sample_rate - expected) > 1e-12:
+        raise PrivacyError(f"Poisson sample rate {sampler.sample_rate} differs from the charged {expected}")
+    return Private(dp_optimizer, dp_loader, expected, hooks)
+
+
+def is_empty(batch) -> bool:
+    return len(batch) == 0 or batch["input_ids"].shape[0] == 0
+
+
+def noise_only_step(optimizer) -> None:
+    """An empty Poisson batch still takes a step: zero clipped sum plus noise.
+
+    HF models cannot run a forward pass on zero rows, and skipping the step would make
+    the mechanism differ from the one accounted for.
+    """
+    for p in optimizer.params:
+        p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+
+
+def check_adapter_moved(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+    """Opacus has a known silent failure in which LoRA weights never change while
+    epsilon is still spent; refuse to report such a round."""
+    if all(torch.equal(before[k], after[k]) for k in before):
+        raise PrivacyError("LoRA weights did not change after DP-SGD steps; per-sample gradients are not reaching "
+                           "the adapter (was the model moved to its device after peft wrapped it?)")

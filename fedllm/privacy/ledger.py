@@ -1,0 +1,119 @@
+"""The on-device privacy ledger: every DP-SGD participation of one client, charged
+*before* it trains, written atomically.
+
+A crash after charging over-reports what was spent, never under-reports it. The noise
+multiplier is calibrated once, when the ledger is created, for the planned number of
+steps, and kept for the client's whole life (recalibrating later would assume nothing
+had been spent).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedllm import atomic
+from fedllm.errors import FedllmError
+from fedllm.privacy.accounting import calibrate, epsilon
+from fedllm.privacy.events import Charge
+
+LEDGER_VERSION = 1
+PRIVACY_UNIT = "record: one speech of a role, or one line of a client's data file; one training example each"
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {}
+    for name in ("fedllm", "opacus", "torch", "peft", "transformers", "dp-accounting", "flwr"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+class LedgerError(FedllmError):
+    """The ledger on disk cannot be used (corrupt, or for another client)."""
+
+
+@dataclass
+class Ledger:
+    path: Path
+    client_id: str
+    num_records: int
+    delta: float
+    target_epsilon: float
+    noise_multiplier: float
+    sample_rate: float
+    max_grad_norm: float
+    planned_steps: int
+    accountant: str
+    history: list[Charge] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=library_versions)
+
+    # -- lifecycle -------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: Path, *, client_id: str, num_records: int, delta: float, target_epsilon: float,
+             sample_rate: float, max_grad_norm: float, planned_steps: int, accountant: str) -> "Ledger":
+        """Load the client's ledger, or create it (calibrating the noise) on first use."""
+        path = Path(path)
+        if path.exists():
+            ledger = cls.load(path)
+            if ledger.client_id != client_id:
+                raise LedgerError(f"{path} belongs to client {ledger.client_id}, not {client_id}")
+            return ledger
+        if delta >= 1.0 / num_records:
+            raise LedgerError(f"privacy.delta={delta} is not below 1/n = {1.0 / num_records:.3g} for client "
+                              f"{client_id} with {num_records} records; lower privacy.delta")
+        sigma = calibrate(target_epsilon, delta, sample_rate, planned_steps, accountant)
+        ledger = cls(path, client_id, num_records, delta, target_epsilon, sigma, sample_rate, max_grad_norm,
+                     planned_steps, accountant)
+        ledger.save()
+        return ledger
+
+    @classmethod
+    def load(cls, path: Path) -> "Ledger":
+        try:
+            d = json.loads(Path(path).read_text())
+            return cls(
+                Path(path), d["client_id"], int(d["num_records"]), float(d["delta"]), float(d["target_epsilon"]),
+                float(d["noise_multiplier"]), float(d["sample_rate"]), float(d["max_grad_norm"]),
+                int(d["planned_steps"]), d["accountant"], [Charge.from_dict(c) for c in d["history"]],
+                dict(d["versions"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LedgerError(f"privacy ledger {path} is unreadable ({exc}); it is never rewritten "
+                              "automatically: restore it from a backup or move it aside to start anew") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ledger_version": LEDGER_VERSION, "client_id": self.client_id, "privacy_unit": PRIVACY_UNIT,
+            "num_records": self.num_records, "delta": self.delta, "target_epsilon": self.target_epsilon,
+            "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
+            "max_grad_norm": self.max_grad_norm, "planned_steps": self.planned_steps,
+            "accountant": self.accountant, "sampling": "poisson", "secure_rng": False,
+            "versions": self.versions, "history": [c.to_dict() for c in self.history],
+        }
+
+    def save(self) -> None:
+        atomic.write_json(self.path, self.to_dict())
+
+    # -- spending --------------------------------------------------------------------
+    def epsilon(self, extra: list[Charge] | None = None) -> float:
+        return epsilon(self.history + (extra or []), self.delta, self.accountant)
+
+    def next_charge(self, server_round: int, steps: int, kind: str = "train") -> Charge:
+        return Charge(server_round, self.noise_multiplier, self.sample_rate, steps, kind)
+
+    def affordable(self, charges: list[Charge]) -> tuple[bool, float]:
+        """(whether `charges` stay within the target, epsilon after them)."""
+        after = self.epsilon(charges)
+        return after <= self.target_epsilon * (1 + 1e-9), after
+
+    def charge(self, charges: list[Charge]) -> None:
+        """Record `charges` durably; call *before* the steps they pay for."""
+        self.history.extend(charges)
+        self.save()

@@ -1,0 +1,37 @@
+"""Epsilon reports: what a client claims, with everything needed to recompute it."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from fedllm.privacy.ledger import Ledger
+
+MECHANISM = "DP-SGD: Poisson-subsampled Gaussian mechanism on clipped per-record gradients of LoRA parameters"
+
+
+def client_report(ledger: Ledger, declined: str = "") -> dict[str, Any]:
+    report = ledger.to_dict()
+    report.update({
+        "mechanism": MECHANISM,
+        "epsilon": ledger.epsilon(),
+        "declined": declined,
+        "history": [{k: c.to_dict()[k] for k in ("round", "noise_multiplier", "sample_rate", "steps", "kind")}
+                    for c in ledger.history],
+    })
+    return report
+
+
+def summarize(reports: dict[str, dict[str, Any]], declined: dict[str, list[int]]) -> dict[str, Any]:
+    """Across clients: min/median/max epsilon and who declined (and in which rounds)."""
+    eps = sorted(r["epsilon"] for r in reports.values())
+    return {
+        "clients_reporting": len(reports),
+        "epsilon": {"min": eps[0], "median": statistics.median(eps), "max": eps[-1]} if eps else None,
+        "target_epsilon": max((r["target_epsilon"] for r in reports.values()), default=None),
+        "delta": max((r["delta"] for r in reports.values()), default=None),
+        "over_target": sorted(c for c, r in reports.items() if r["epsilon"] > r["target_epsilon"] * (1 + 1e-9)),
+        "declined": {c: rounds for c, rounds in sorted(declined.items())},
+        "declines": sum(len(r) for r in declined.values()),
+        "privacy_unit": next((r["privacy_unit"] for r in reports.values()), None),
+    }

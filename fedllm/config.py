@@ -159,11 +159,13 @@ class Config:
 
 def planned_rounds(config: Config) -> int:
     """Participations per client the noise is calibrated for: the configured number, or
-    twice the expected number under uniform sampling (at least 1, at most every round)."""
+    the expected number plus two standard deviations under uniform sampling (so about
+    97% of clients never have to decline), at least 1 and at most every round."""
     if config.privacy.planned_rounds:
         return config.privacy.planned_rounds
-    expected = config.num_server_rounds * config.clients_per_round / config.num_clients
-    return max(1, min(config.num_server_rounds, math.ceil(2 * expected)))
+    rounds, p = config.num_server_rounds, config.clients_per_round / config.num_clients
+    likely = rounds * p + 2 * math.sqrt(rounds * p * (1 - p))
+    return max(1, min(rounds, math.ceil(likely)))
 
 
 def _kebab(name: str) -> str:

@@ -46,7 +46,9 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=8, help="client updates per path")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    config = load_experiment(None, dict(parse_assignment(a) for a in args.assignments))
+    # Privacy off by default: this measures what the worker cache saves, not DP accounting.
+    overrides = {"privacy.enabled": "false", **dict(parse_assignment(a) for a in args.assignments)}
+    config = load_experiment(None, overrides)
     torch.set_num_threads(1)  # one simulation worker = one CPU
 
     base = runtime.resolve_base(config)

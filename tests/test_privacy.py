@@ -178,3 +178,11 @@ def test_killed_client_never_under_reports(tmp_path, cache_dir):
     # whatever number of steps ran before the kill (fewer than 100000), epsilon is monotone in steps:
     spent_at_most = epsilon([Charge(1, ledger.noise_multiplier, ledger.sample_rate, charged - 1)], ledger.delta)
     assert ledger.epsilon() >= spent_at_most
+
+
+def test_empty_batch_shapes_from_opacus():
+    from fedllm.privacy.engine import is_empty
+
+    assert is_empty({"input_ids": torch.empty(0, 7, dtype=torch.long), "attention_mask": torch.empty(0, 7)})
+    assert is_empty([torch.tensor([], dtype=torch.long)] * 3)  # the very first batch was empty
+    assert not is_empty({"input_ids": torch.ones(2, 7, dtype=torch.long)})

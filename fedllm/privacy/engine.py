@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +89,13 @@ def make_private(model, optimizer, loader, noise_multiplier: float, max_grad_nor
 
 
 def is_empty(batch) -> bool:
-    return len(batch) == 0 or batch["input_ids"].shape[0] == 0
+    """An empty Poisson batch: Opacus returns empty tensors shaped like the first batch,
+    or, when the very first batch is empty, a list of empty tensors."""
+    if isinstance(batch, Mapping):
+        return batch["input_ids"].shape[0] == 0
+    if all(torch.is_tensor(t) and t.numel() == 0 for t in batch):
+        return True
+    raise TypeError(f"unexpected batch of type {type(batch).__name__}")
 
 
 def noise_only_step(optimizer) -> None:

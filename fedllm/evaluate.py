@@ -19,7 +19,7 @@ def evaluate(model, examples: list[list[int]], batch_size: int, pad_id: int) -> 
     nll_sum, tokens, top1, top3 = 0.0, 0, 0, 0
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], pad_id)
-        logits = model(**batch).logits[:, :-1]
+        logits = model(**batch, use_cache=False).logits[:, :-1]
         targets, mask = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].bool()
         nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         nll_sum += nll[mask].sum().item()

@@ -30,7 +30,7 @@ def sequence_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     Per sequence, then averaged by the caller: HF's `out.loss` averages tokens across the
     whole batch, which couples examples (and breaks per-sample clipping under DP).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
     targets, mask = input_ids[:, 1:], attention_mask[:, 1:].to(logits.dtype)
     nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)

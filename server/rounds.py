@@ -67,6 +67,7 @@ class Rounds:
         self.upload: list[int] = []
         self.rejected = 0
         self.privacy_reports: dict[str, dict[str, Any]] = {}
+        self.node_client: dict[int, str] = {}
         self.declined: dict[str, list[int]] = {}
 
     def _config_record(self, server_round: int) -> ConfigRecord:
@@ -78,28 +79,33 @@ class Rounds:
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
         accepted, dropped, declined = [], [], []
         for msg in replies:
-            report = privacy_report(msg)
-            if report is not None:
-                self.record_privacy(client_id_of(msg), report)
-            why = declined_reason(msg)
-            if why:
-                log.info("round %d: client %s %s", server_round, client_id_of(msg), why)
-                declined.append({"client_id": client_id_of(msg), "reason": why})
-                self.declined.setdefault(client_id_of(msg), []).append(server_round)
-                continue
-            reason = check_train_reply(msg, self.spec)
+            node = msg.metadata.src_node_id
+            client = self.node_client.get(node, "?")  # who the node said it was, not what this reply claims
+            claimed = client_id_of(msg)
+            reason = None
+            if claimed not in ("?", client):
+                reason = f"reply claims client id {claimed}, but node {node} holds {client}"
+            else:
+                report = privacy_report(msg)
+                if report is not None:
+                    self.record_privacy(client, report)
+                why = declined_reason(msg)
+                if why:
+                    log.info("round %d: client %s %s", server_round, client, why)
+                    declined.append({"client_id": client, "reason": why})
+                    self.declined.setdefault(client, []).append(server_round)
+                    continue
+                reason = check_train_reply(msg, self.spec)
             if reason is None:
                 accepted.append(msg)
                 continue
-            node = msg.metadata.src_node_id
-            log.warning("round %d: dropped reply from client %s (node %d): %s",
-                        server_round, client_id_of(msg), node, reason)
-            dropped.append({"node": node, "client_id": client_id_of(msg), "reason": reason})
+            log.warning("round %d: dropped reply from client %s (node %d): %s", server_round, client, node, reason)
+            dropped.append({"node": node, "client_id": client, "reason": reason})
         self.rejected += len(dropped)
         upload = [_upload_bytes(m) for m in accepted]
         self.upload.extend(upload)
         record = {
-            "clients": [client_id_of(m) for m in accepted],
+            "clients": [self.node_client.get(m.metadata.src_node_id, "?") for m in accepted],
             "train_loss": [float(next(iter(m.content.metric_records.values()))["train-loss"]) for m in accepted],
             "upload_bytes": upload,
             "dropped": dropped,
@@ -125,7 +131,8 @@ class Rounds:
                             server_round, msg.metadata.src_node_id, reason)
                 continue
             metrics = next(iter(msg.content.metric_records.values()))
-            per_client[client_id_of(msg)] = {k: float(v) for k, v in metrics.items()}
+            per_client[self.node_client.get(msg.metadata.src_node_id, client_id_of(msg))] = {
+                k: float(v) for k, v in metrics.items()}
         return {"clients": dict(sorted(per_client.items())), "mean": _mean_metrics(per_client)}
 
     def record_privacy(self, client_id: str, report: dict[str, Any]) -> None:
@@ -153,6 +160,7 @@ class Rounds:
                 f"only {len(clients)} nodes said which client they hold; clients-per-round="
                 f"{config.clients_per_round} cannot be met (see the warnings above)"
             )
+        self.node_client = {node: client for client, node in clients.items()}
         sampler = ClientSampler(clients, config.seed)
         eval_nodes = sampler.fixed_subset(config.evaluate.num_clients, config.seed + 1)
         strategy = make_strategy(config)

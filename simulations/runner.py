@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.config import Config, load_toml
+from fedllm.errors import ConfigError
 from fedllm.data import load_clients
 from fedllm.model import resolve_base
 from fedllm.rundir import RunDir
@@ -37,6 +38,18 @@ def backend_config(config: Config) -> dict[str, Any]:
     }
 
 
+def check_before_start(config: Config) -> None:
+    """Refuse, before any worker starts, what every client would refuse anyway."""
+    clients = load_clients(config)
+    if config.privacy.enabled:
+        largest = max(clients, key=lambda c: c.num_records)
+        if config.privacy.delta >= 1.0 / largest.num_records:
+            raise ConfigError(
+                f"privacy.delta={config.privacy.delta:g} is not below 1/n for client {largest.client_id} "
+                f"with n={largest.num_records} records; use privacy.delta < {1.0 / largest.num_records:.3g}"
+            )
+
+
 def simulate(config: Config, run_dir: Path, client_app=None) -> dict[str, Any]:
     """Run the whole simulation; returns summary.json's content.
 
@@ -49,7 +62,7 @@ def simulate(config: Config, run_dir: Path, client_app=None) -> dict[str, Any]:
     if client_app is None:
         from client.app import app as client_app
 
-    load_clients(config)  # refuse bad data settings before starting any worker
+    check_before_start(config)
     resolve_base(config)  # build the built-in base once, here, with a progress bar
     logging.getLogger("flwr").setLevel(logging.WARNING)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -56,11 +56,13 @@ def test_malformed_updates_are_dropped_and_the_round_completes(tmp_path, cache_d
     rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for record in rounds[1:]:
         reasons = sorted(d["reason"] for d in record["train"]["dropped"])
-        assert len(record["train"]["clients"]) == 3, record
+        assert len(record["train"]["clients"]) == 1, record
+        assert any("claims client id somebody-else" in r for r in reasons)
+        assert any("client error" in r and "simulated client crash" in r for r in reasons)
         assert any("non-finite" in r for r in reasons)
         assert any("shape" in r for r in reasons)
         assert any("unknown" in r and "lm_head" in r for r in reasons)
-    assert summary["rejected_replies"] == 6
+    assert summary["rejected_replies"] == 10
     assert (tmp_path / "run" / "checkpoints" / "round-2" / "adapter_model.safetensors").exists()
 
 

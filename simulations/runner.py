@@ -15,6 +15,7 @@ from fedllm.errors import ConfigError
 from fedllm.data import load_clients
 from fedllm.model import resolve_base
 from fedllm.rundir import RunDir
+from simulations.plots import finish
 
 DEFAULT_EXPERIMENT = "default.toml"
 
@@ -75,7 +76,7 @@ def simulate(config: Config, run_dir: Path, client_app=None) -> dict[str, Any]:
     run = RunDir(run_dir)
     if not run.summary_file.exists():
         raise RuntimeError(f"the simulation ended without writing {run.summary_file}; see the log above")
-    return run.summary()
+    return finish(run_dir, format_summary(run.summary()))
 
 
 def privacy_line(privacy: dict[str, Any]) -> str:

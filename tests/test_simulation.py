@@ -21,6 +21,8 @@ def test_simulate_end_to_end(tmp_path, cache_dir, capsys):
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert all(len(r["train"]["clients"]) == 3 and not r["train"]["dropped"] for r in rounds[1:])
 
+    assert (run_dir / "metrics.png").stat().st_size > 0
+    assert "held-out perplexity" in (run_dir / "summary.txt").read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("rounds", "num_clients", "base_model", "upload_bytes_per_client_round", "base_model_bytes"):
         assert key in summary

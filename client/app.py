@@ -12,7 +12,7 @@ import json
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.runtime import client_data, evaluate_client, train_client
+from client.runtime import client_data, evaluate_client, personalise_client, train_client
 from fedllm.config import KEYS, Config
 
 app = ClientApp()
@@ -49,8 +49,13 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    config, _ = _config(msg)
-    data, metrics = evaluate_client(config, _partition(context), msg.content["arrays"].to_torch_state_dict())
+    """Held-out metrics of the global adapter; when asked (after the last round), also of
+    this device's personalised adapter and of its local-only baseline."""
+    config, record = _config(msg)
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    data, metrics = evaluate_client(config, _partition(context), global_state)
+    if record.get("personalise", False):
+        metrics.update(personalise_client(config, _partition(context), global_state, int(record["server-round"])))
     content = RecordDict({"metrics": MetricRecord({"num-examples": len(data.heldout), **metrics}),
                           "client": ConfigRecord({"client-id": data.client_id})})
     return Message(content=content, reply_to=msg)

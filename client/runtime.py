@@ -15,7 +15,7 @@ import torch
 from fedllm.config import Config
 from fedllm.data import ClientData, load_clients
 from fedllm.data.tokens import encode
-from fedllm.model import attach_lora, load_base, resolve_base
+from fedllm.model import adapter_state, attach_lora, load_base, resolve_base
 
 
 @dataclass
@@ -23,6 +23,7 @@ class Worker:
     model: object  # PeftModel
     tokenizer: object
     base: str
+    initial: dict  # the adapter as initialised (B = 0): the start of every local-only baseline
 
 
 _WORKERS: dict[tuple, Worker] = {}
@@ -36,7 +37,8 @@ def worker_for(config: Config) -> Worker:
         torch.set_num_threads(max(1, config.simulation.cpus_per_client))
         model, tokenizer = load_base(base)
         _WORKERS.clear()  # one base per worker process
-        _WORKERS[key] = Worker(attach_lora(model, config.lora, config.seed), tokenizer, base)
+        peft_model = attach_lora(model, config.lora, config.seed)
+        _WORKERS[key] = Worker(peft_model, tokenizer, base, adapter_state(peft_model))
     return _WORKERS[key]
 
 
@@ -73,7 +75,7 @@ class Update:
 
 
 def open_ledger(config: Config, data: ClientData):
-    from fedllm.config import planned_rounds
+    from fedllm.config import planned_steps
     from fedllm.privacy.engine import poisson_sample_rate
     from fedllm.privacy.ledger import Ledger
     from fedllm.state import StateStore, state_root
@@ -83,9 +85,41 @@ def open_ledger(config: Config, data: ClientData):
         StateStore(state_root(config), data.client_id).ledger_path, client_id=data.client_id,
         num_records=data.num_records, delta=p.delta, target_epsilon=p.target_epsilon,
         sample_rate=poisson_sample_rate(data.num_records, config.train.batch_size),
-        max_grad_norm=p.max_grad_norm, planned_steps=planned_rounds(config) * config.local_steps,
+        max_grad_norm=p.max_grad_norm, planned_steps=planned_steps(config),
         accountant=p.accountant,
     )
+
+
+def _train_steps(config: Config, worker: Worker, examples, steps: int, lr: float, seed: int, ledger=None,
+                 proximal_mu: float = 0.0, anchor=None):
+    """`steps` steps on the model's trainable (adapter) weights: DP-SGD when a ledger is
+    given (the caller has already charged it), plain AdamW otherwise."""
+    from fedllm.personal import trainable_snapshot
+    from fedllm.privacy.engine import check_adapter_moved, make_private
+    from fedllm.train import loader_for, make_optimizer, train_local
+
+    loader = loader_for(examples, config.train.batch_size, worker.tokenizer.pad_token_id, seed)
+    optimizer = make_optimizer(worker.model, lr, config.train.weight_decay)
+    if ledger is None:
+        return train_local(worker.model, loader, optimizer, steps, proximal_mu, anchor)
+    before = trainable_snapshot(worker.model)
+    private = make_private(worker.model, optimizer, loader, ledger.noise_multiplier, config.privacy.max_grad_norm)
+    try:
+        result = train_local(worker.model, private.loader, private.optimizer, steps, proximal_mu, anchor)
+    finally:
+        private.close()
+    check_adapter_moved(before, trainable_snapshot(worker.model))
+    return result
+
+
+def _charge_or_decline(ledger, charges) -> str:
+    """Charge the ledger for `charges` (before any step), or say why the client declines."""
+    affordable, after = ledger.affordable(charges)
+    if not affordable:
+        return (f"declined: this would bring epsilon to {after:.3f}, over the target "
+                f"{ledger.target_epsilon:g} (spent so far {ledger.epsilon():.3f})")
+    ledger.charge(charges)  # before training: a crash can only over-report
+    return ""
 
 
 def train_client(config: Config, partition_id: int, global_state: dict[str, torch.Tensor],
@@ -93,42 +127,90 @@ def train_client(config: Config, partition_id: int, global_state: dict[str, torc
     """One client round: apply the global adapter, train locally (privately when DP is
     on, after charging the ledger), return the delta."""
     from fedllm.model import adapter_state, load_adapter_state
-    from fedllm.privacy.engine import check_adapter_moved, make_private
     from fedllm.privacy.report import client_report
-    from fedllm.train import loader_for, make_optimizer, train_local
 
     worker = worker_for(config)
     data = client_data(config, partition_id)
     train_examples, _ = examples_for(worker, data, config.model.max_length)
     load_adapter_state(worker.model, global_state)
-    loader = loader_for(train_examples, config.train.batch_size, worker.tokenizer.pad_token_id,
-                        client_seed(config.seed, server_round, data.client_id))
-    optimizer = make_optimizer(worker.model, config.train.lr, config.train.weight_decay)
 
-    ledger = None
-    if config.privacy.enabled:
-        ledger = open_ledger(config, data)
-        charges = [ledger.next_charge(server_round, config.local_steps)]
-        affordable, after = ledger.affordable(charges)
-        if not affordable:
-            reason = (f"declined: this round would bring epsilon to {after:.3f}, over the target "
-                      f"{ledger.target_epsilon:g} (spent so far {ledger.epsilon():.3f})")
-            return Update(data, None, None, client_report(ledger, declined=reason), declined=reason)
-        ledger.charge(charges)  # before training: a crash can only over-report
-        private = make_private(worker.model, optimizer, loader, ledger.noise_multiplier,
-                               config.privacy.max_grad_norm)
-        try:
-            result = train_local(worker.model, private.loader, private.optimizer, config.local_steps, proximal_mu)
-        finally:
-            private.close()
-    else:
-        result = train_local(worker.model, loader, optimizer, config.local_steps, proximal_mu)
-
-    local = adapter_state(worker.model)
+    ledger = open_ledger(config, data) if config.privacy.enabled else None
     if ledger is not None:
-        check_adapter_moved(global_state, local)
+        declined = _charge_or_decline(ledger, [ledger.next_charge(server_round, config.local_steps)])
+        if declined:
+            return Update(data, None, None, client_report(ledger, declined=declined), declined=declined)
+    result = _train_steps(config, worker, train_examples, config.local_steps, config.train.lr,
+                          client_seed(config.seed, server_round, data.client_id), ledger, proximal_mu)
+    local = adapter_state(worker.model)
     delta = {k: local[k] - global_state[k].to(torch.float32) for k in local}
     return Update(data, delta, result, client_report(ledger) if ledger else None)
+
+
+PERSONAL_METRICS = ("loss", "perplexity", "top1", "top3")
+
+
+def personalise_client(config: Config, partition_id: int, global_state: dict[str, torch.Tensor],
+                       server_round: int) -> dict[str, float]:
+    """Personalise per `personal.method` and train the local-only baseline, both on this
+    client's records (privately, charged, when DP is on); held-out metrics of both.
+
+    Personal state (adapter, Ditto weights) and the local-only adapter stay in the state
+    store; what is returned is metrics only.
+    """
+    from fedllm.evaluate import evaluate
+    from fedllm.model import adapter_state, load_adapter_state
+    from fedllm.personal import load_state, personal_state, save_state, stacked_personal_adapter, trainable_snapshot
+    from fedllm.state import StateStore, state_root
+
+    worker = worker_for(config)
+    data = client_data(config, partition_id)
+    train_examples, heldout = examples_for(worker, data, config.model.max_length)
+    store = StateStore(state_root(config), data.client_id)
+    p, pad, batch = config.personal, worker.tokenizer.pad_token_id, config.evaluate.batch_size
+
+    def metrics(prefix: str, values: dict[str, float]) -> dict[str, float]:
+        return {f"{prefix}-{k}": values[k] for k in PERSONAL_METRICS}
+
+    load_adapter_state(worker.model, global_state)
+    global_metrics = evaluate(worker.model, heldout, batch, pad)
+    ledger = open_ledger(config, data) if config.privacy.enabled else None
+    if ledger is not None:
+        declined = _charge_or_decline(ledger, [ledger.next_charge(server_round, p.steps, "personal"),
+                                               ledger.next_charge(server_round, p.steps, "local-only")])
+        if declined:  # the device keeps the global adapter; report that
+            return {**metrics("personal", global_metrics), **metrics("local", global_metrics),
+                    "personal-declined": 1.0}
+
+    def seed(kind: str) -> int:
+        return client_seed(config.seed, server_round, f"{data.client_id}/{kind}")
+
+    # The local-only baseline: this client's data alone, from the initial adapter, same steps.
+    load_adapter_state(worker.model, load_state(store.local_only_path) or worker.initial)
+    _train_steps(config, worker, train_examples, p.steps, p.lr, seed("local-only"), ledger)
+    save_state(store.local_only_path, adapter_state(worker.model))
+    local_metrics = evaluate(worker.model, heldout, batch, pad)
+
+    load_adapter_state(worker.model, global_state)
+    if p.method == "finetune":
+        _train_steps(config, worker, train_examples, p.steps, p.lr, seed("personal"), ledger)
+        personal_metrics = evaluate(worker.model, heldout, batch, pad)
+    elif p.method == "ditto":
+        anchor = trainable_snapshot(worker.model)  # the global adapter, by parameter name
+        load_adapter_state(worker.model, load_state(store.personal_path("ditto")) or global_state)
+        _train_steps(config, worker, train_examples, p.steps, p.lr, seed("personal"), ledger,
+                     proximal_mu=p.lambda_, anchor=anchor)
+        save_state(store.personal_path("ditto"), adapter_state(worker.model))
+        personal_metrics = evaluate(worker.model, heldout, batch, pad)
+    elif p.method == "adapter":
+        with stacked_personal_adapter(worker.model, p, config.lora, load_state(store.personal_path("adapter")),
+                                      seed("init")):
+            _train_steps(config, worker, train_examples, p.steps, p.lr, seed("personal"), ledger)
+            save_state(store.personal_path("adapter"), personal_state(worker.model))
+            personal_metrics = evaluate(worker.model, heldout, batch, pad)
+    else:
+        personal_metrics = global_metrics
+    load_adapter_state(worker.model, global_state)
+    return {**metrics("personal", personal_metrics), **metrics("local", local_metrics), "personal-declined": 0.0}
 
 
 def evaluate_client(config: Config, partition_id: int, global_state: dict[str, torch.Tensor]):

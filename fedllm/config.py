@@ -115,6 +115,16 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class PersonalConfig:
+    method: str = _key("none", *_one_of("none", "finetune", "adapter", "ditto"),
+                       doc="how each device personalises the global adapter (evaluated after the last round)")
+    steps: int = _key(10, *POS_INT, doc="personal training steps (and local-only baseline steps)")
+    lr: float = _key(1e-2, *POS_FLOAT)
+    r: int = _key(8, *POS_INT, doc="rank of the personal adapter (method 'adapter')")
+    lambda_: float = _key(0.1, *NON_NEG_FLOAT, doc="Ditto: weight of (lambda/2)*||personal - global||^2")
+
+
+@dataclass(frozen=True)
 class PrivacyConfig:
     enabled: bool = _key(True, None, "true or false", "record-level DP-SGD on every client")
     target_epsilon: float = _key(8.0, *POS_FLOAT, doc="per-client epsilon budget over its whole life")
@@ -143,6 +153,7 @@ class Config:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    personal: PersonalConfig = field(default_factory=PersonalConfig)
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any]) -> "Config":
@@ -168,8 +179,16 @@ def planned_rounds(config: Config) -> int:
     return max(1, min(rounds, math.ceil(likely)))
 
 
+def planned_steps(config: Config) -> int:
+    """DP-SGD steps a client's noise is calibrated for: its planned training rounds, plus,
+    when personalisation is on, one personalisation and one local-only baseline."""
+    personal = 2 * config.personal.steps if config.personal.method != "none" else 0
+    return planned_rounds(config) * config.local_steps + personal
+
+
 def _kebab(name: str) -> str:
-    return name.replace("_", "-")
+    """Attribute name to key: `target_modules` -> `target-modules`, `lambda_` -> `lambda`."""
+    return name.rstrip("_").replace("_", "-")
 
 
 def _iter_flat(obj: Any, prefix: str):

@@ -21,6 +21,15 @@ class StateStore:
     def ledger_path(self) -> Path:
         return self.dir / "ledger.json"
 
+    def personal_path(self, method: str) -> Path:
+        """The personal adapter of `method` ("adapter" or "ditto"); never sent."""
+        return self.dir / f"personal-{method}.safetensors"
+
+    @property
+    def local_only_path(self) -> Path:
+        """The local-only baseline adapter (this client's data alone); never sent."""
+        return self.dir / "local-only.safetensors"
+
 
 def state_root(config) -> Path:
     """Where client state stores live: privacy.state-dir, else <run-dir>/clients."""

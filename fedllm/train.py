@@ -56,10 +56,17 @@ def proximal_term(model, anchor: dict[str, torch.Tensor], mu: float) -> torch.Te
     return 0.5 * mu * torch.stack(terms).sum()
 
 
-def train_local(model, loader, optimizer, steps: int, proximal_mu: float = 0.0) -> TrainResult:
-    """Run `steps` optimizer steps, cycling through the loader as often as needed."""
-    anchor = None
-    if proximal_mu > 0:
+def train_local(model, loader, optimizer, steps: int, proximal_mu: float = 0.0,
+                anchor: dict[str, torch.Tensor] | None = None) -> TrainResult:
+    """Run `steps` optimizer steps, cycling through the loader as often as needed.
+
+    With `proximal_mu` > 0, the loss gets (mu/2)||w - anchor||^2 over the trainable
+    weights; the anchor defaults to the weights at the start (FedProx), Ditto passes the
+    global adapter.
+    """
+    if proximal_mu <= 0:
+        anchor = None
+    elif anchor is None:
         anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.train()
     batches = itertools.chain.from_iterable(itertools.repeat(loader))

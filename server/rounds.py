@@ -32,6 +32,8 @@ from server.validation import (AdapterSpec, check_evaluate_reply, check_train_re
 
 log = logging.getLogger("fedllm.server")
 EVAL_METRICS = frozenset({"num-examples", *METRICS})
+PERSONAL_EVAL_METRICS = EVAL_METRICS | {f"{who}-{m}" for who in ("personal", "local") for m in
+                                        ("loss", "perplexity", "top1", "top3")} | {"personal-declined"}
 
 
 def _float32(arrays: ArrayRecord) -> ArrayRecord:
@@ -120,12 +122,15 @@ class Rounds:
             log.warning("round %d: no acceptable replies; global adapter unchanged", server_round)
         return record
 
-    def evaluate(self, server_round: int, nodes: list[int]) -> dict[str, Any]:
-        content = RecordDict({"arrays": self.arrays, "config": self._config_record(server_round)})
+    def evaluate(self, server_round: int, nodes: list[int], personalise: bool = False) -> dict[str, Any]:
+        config = self._config_record(server_round)
+        config["personalise"] = personalise
+        content = RecordDict({"arrays": self.arrays, "config": config})
         messages = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
         per_client: dict[str, dict[str, float]] = {}
+        expected = PERSONAL_EVAL_METRICS if personalise else EVAL_METRICS
         for msg in self.grid.send_and_receive(messages, timeout=self.config.round_timeout):
-            reason = check_evaluate_reply(msg, EVAL_METRICS)
+            reason = check_evaluate_reply(msg, expected)
             if reason is not None:
                 log.warning("round %d: evaluation reply from node %d dropped: %s",
                             server_round, msg.metadata.src_node_id, reason)
@@ -134,6 +139,33 @@ class Rounds:
             per_client[self.node_client.get(msg.metadata.src_node_id, client_id_of(msg))] = {
                 k: float(v) for k, v in metrics.items()}
         return {"clients": dict(sorted(per_client.items())), "mean": _mean_metrics(per_client)}
+
+    def personalisation(self, base_eval: dict, last_eval: dict, common: list[str]) -> dict[str, Any]:
+        """personalisation.csv (per client) and the summary fields, when it ran."""
+        rows = [c for c in common if "personal-perplexity" in last_eval["clients"][c]]
+        if not rows:
+            return {"personalisation": {"method": self.config.personal.method, "clients": 0}}
+
+        def pick(client: str, prefix: str) -> dict[str, float]:
+            m = last_eval["clients"][client]
+            return {k: m[f"{prefix}-{k}"] for k in ("loss", "perplexity", "top1", "top3")}
+
+        lines = ["client_id,base_perplexity,local_only_perplexity,global_perplexity,personalised_perplexity,declined"]
+        for c in rows:
+            m = last_eval["clients"][c]
+            lines.append(f"{c},{base_eval['clients'][c]['perplexity']:.4f},{m['local-perplexity']:.4f},"
+                         f"{m['perplexity']:.4f},{m['personal-perplexity']:.4f},{int(m['personal-declined'])}")
+        (self.run.path / "personalisation.csv").write_text("\n".join(lines) + "\n")
+        beats = [last_eval["clients"][c]["personal-perplexity"] < last_eval["clients"][c]["perplexity"] for c in rows]
+        return {
+            "personalised": _mean_metrics({c: pick(c, "personal") for c in rows}),
+            "local_only": _mean_metrics({c: pick(c, "local") for c in rows}),
+            "personalisation": {
+                "method": self.config.personal.method, "clients": len(rows),
+                "beats_global_fraction": sum(beats) / len(beats),
+                "declined": sum(int(last_eval["clients"][c]["personal-declined"]) for c in rows),
+            },
+        }
 
     def record_privacy(self, client_id: str, report: dict[str, Any]) -> None:
         """Keep the client's latest epsilon report (it carries its whole history)."""
@@ -174,8 +206,10 @@ class Rounds:
             record: dict[str, Any] = {"round": server_round, "train": self.train_round(
                 server_round, strategy, sampler.sample(config.clients_per_round))}
             record["checkpoint"] = str(self.checkpoint(server_round).relative_to(self.run.path))
-            if server_round % config.evaluate.every == 0 or server_round == config.num_server_rounds:
-                last_eval = record["evaluate"] = self.evaluate(server_round, eval_nodes)
+            last = server_round == config.num_server_rounds
+            if server_round % config.evaluate.every == 0 or last:
+                personalise = last and config.personal.method != "none"
+                last_eval = record["evaluate"] = self.evaluate(server_round, eval_nodes, personalise)
                 bar.set_postfix(ppl=f"{last_eval['mean'].get('perplexity', float('nan')):.2f}")
             record["seconds"] = round(time.time() - t0, 2)
             self.run.append_metrics(record)
@@ -197,7 +231,9 @@ class Rounds:
     def summary(self, base_eval: dict, last_eval: dict, seconds: float) -> dict[str, Any]:
         upload = statistics.fmean(self.upload) if self.upload else 0.0
         common = sorted(set(base_eval["clients"]) & set(last_eval["clients"]))
+        personal = self.personalisation(base_eval, last_eval, common)
         return {
+            **personal,
             "rounds": self.config.num_server_rounds,
             "num_clients": self.config.num_clients,
             "clients_per_round": self.config.clients_per_round,

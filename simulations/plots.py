@@ -35,6 +35,36 @@ def plot_rounds(run: RunDir) -> Path | None:
     return path
 
 
+def plot_personalisation(run: RunDir) -> Path | None:
+    """personalisation.png: per-client held-out perplexity, global against personalised."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = run.path / "personalisation.csv"
+    if not table.exists():
+        return None
+    rows = list(csv.DictReader(table.open()))
+    glob = [float(r["global_perplexity"]) for r in rows]
+    pers = [float(r["personalised_perplexity"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(glob, pers)
+    lo, hi = min(glob + pers), max(glob + pers)
+    ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", label="personalised = global")
+    ax.set(xlabel="global adapter perplexity", ylabel="personalised perplexity",
+           title="held-out perplexity per client (below the line: personalisation helps)")
+    ax.title.set_fontsize(9)
+    ax.legend()
+    fig.tight_layout()
+    path = run.path / "personalisation.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_table(run: RunDir, text: str) -> Path:
     path = run.path / "summary.txt"
     path.write_text(text + "\n")
@@ -45,4 +75,5 @@ def finish(run_dir: Path, table: str) -> dict[str, Any]:
     run = RunDir(run_dir)
     write_table(run, table)
     plot_rounds(run)
+    plot_personalisation(run)
     return run.summary()

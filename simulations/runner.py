@@ -99,7 +99,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("next-token top-1", f"{base['top1']:.3f}", f"{glob['top1']:.3f}"),
         ("next-token top-3", f"{base['top3']:.3f}", f"{glob['top3']:.3f}"),
     ]
-    lines = [f"{a:<22}{b:>12}{c:>12}" for a, b, c in rows]
+    if "personalised" in summary:
+        pers, loc = summary["personalised"], summary["local_only"]
+        rows = [(*r, *extra) for r, extra in zip(rows, [
+            ("local-only", "personalised"), (f"{loc['perplexity']:.2f}", f"{pers['perplexity']:.2f}"),
+            (f"{loc['loss']:.4f}", f"{pers['loss']:.4f}"), (f"{loc['top1']:.3f}", f"{pers['top1']:.3f}"),
+            (f"{loc['top3']:.3f}", f"{pers['top3']:.3f}")])]
+    lines = ["".join([f"{r[0]:<22}", *(f"{x:>14}" for x in r[1:])]) for r in rows]
+    if "personalised" in summary:
+        p = summary["personalisation"]
+        lines.append(f"personalisation '{p['method']}' beats global on {100 * p['beats_global_fraction']:.0f}% "
+                     f"of {p['clients']} clients ({p['declined']} declined for budget)")
     up, full = summary["upload_bytes_per_client_round"], summary["base_model_bytes"]
     lines += [
         "",

@@ -1,0 +1,76 @@
+"""Personalisation on the device: methods that turn the global adapter into one that
+fits this client better, without anything personal leaving the device.
+
+- none:     the global adapter as it is.
+- finetune: fine-tune a copy of the global adapter on local records; nothing is kept.
+- adapter:  a second LoRA adapter ("personal") stacked on the frozen global one; only it
+            trains, and it is kept in the client's state store.
+- ditto:    a personal copy of the adapter, trained with (lambda/2)||v - w_global||^2
+            pulling it toward the global one (Li et al., 2021); kept in the state store.
+
+Each method is a `train(steps)` hook plus what to keep; the caller decides whether the
+steps run privately. Only `fedllm.model`'s "default" adapter is ever sent anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import torch
+
+from fedllm import atomic
+from fedllm.model import AdapterState, target_modules
+
+PERSONAL = "personal"
+METHODS = ("none", "finetune", "adapter", "ditto")
+
+
+def save_state(path: Path, state: AdapterState) -> None:
+    """Atomically write adapter tensors (safetensors format)."""
+    from safetensors.torch import save
+
+    atomic.write_bytes(path, save({k: v.contiguous() for k, v in state.items()}))
+
+
+def load_state(path: Path) -> AdapterState | None:
+    from safetensors.torch import load
+
+    return load(Path(path).read_bytes()) if Path(path).exists() else None
+
+
+def personal_state(model) -> AdapterState:
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(model, adapter_name=PERSONAL)
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def stacked_personal_adapter(model, personal, lora, state: AdapterState | None, seed: int):
+    """Within the block, `model` computes with global + personal adapters and only the
+    personal one is trainable; on exit the personal adapter is removed again."""
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=personal.r, lora_alpha=2 * personal.r, lora_dropout=0.0,
+                        target_modules=target_modules(model, lora.target_modules), task_type="CAUSAL_LM")
+    model.add_adapter(PERSONAL, config)
+    model.base_model.set_adapter(["default", PERSONAL])
+    for name, param in model.named_parameters():
+        param.requires_grad_(f".{PERSONAL}." in name)
+    if state is not None:
+        set_peft_model_state_dict(model, state, adapter_name=PERSONAL)
+    try:
+        yield
+    finally:
+        model.base_model.set_adapter("default")
+        model.delete_adapter(PERSONAL)
+        for name, param in model.named_parameters():
+            param.requires_grad_("lora_" in name)
+
+
+def trainable_snapshot(model) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name: Ditto's anchor (the global weights)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -91,7 +91,7 @@ def open_ledger(config: Config, data: ClientData):
 
 
 def _train_steps(config: Config, worker: Worker, examples, steps: int, lr: float, seed: int, ledger=None,
-                 proximal_mu: float = 0.0, anchor=None):
+                 proximal_mu: float = 0.0, anchor=None, after_step=None):
     """`steps` steps on the model's trainable (adapter) weights: DP-SGD when a ledger is
     given (the caller has already charged it), plain AdamW otherwise."""
     from fedllm.personal import trainable_snapshot
@@ -101,7 +101,7 @@ def _train_steps(config: Config, worker: Worker, examples, steps: int, lr: float
     loader = loader_for(examples, config.train.batch_size, worker.tokenizer.pad_token_id, seed)
     optimizer = make_optimizer(worker.model, lr, config.train.weight_decay)
     if ledger is None:
-        return train_local(worker.model, loader, optimizer, steps, proximal_mu, anchor)
+        return train_local(worker.model, loader, optimizer, steps, proximal_mu, anchor, after_step)
     before = trainable_snapshot(worker.model)
     private = make_private(worker.model, optimizer, loader, ledger.noise_multiplier, config.privacy.max_grad_norm)
     try:
@@ -184,27 +184,42 @@ def personalise_client(config: Config, partition_id: int, global_state: dict[str
     def seed(kind: str) -> int:
         return client_seed(config.seed, server_round, f"{data.client_id}/{kind}")
 
+    def fit(kind: str, **kw) -> None:
+        """Personal or local-only training; early-stopped on a split of the training
+        records when DP is off and the client has enough records to spare some."""
+        from fedllm.personal import EarlyStopping
+
+        records = train_examples
+        stopper = None
+        if ledger is None and p.early_stopping and len(train_examples) >= 10:
+            n_val = max(2, len(train_examples) // 5)
+            records, validation = train_examples[:-n_val], train_examples[-n_val:]
+            stopper = EarlyStopping(worker.model, lambda: evaluate(worker.model, validation, batch, pad)["loss"],
+                                    every=max(1, p.steps // 5))
+        _train_steps(config, worker, records, p.steps, p.lr, seed(kind), ledger, after_step=stopper, **kw)
+        if stopper is not None:
+            stopper.restore()
+
     # The local-only baseline: this client's data alone, from the initial adapter, same steps.
     load_adapter_state(worker.model, load_state(store.local_only_path) or worker.initial)
-    _train_steps(config, worker, train_examples, p.steps, p.lr, seed("local-only"), ledger)
+    fit("local-only")
     save_state(store.local_only_path, adapter_state(worker.model))
     local_metrics = evaluate(worker.model, heldout, batch, pad)
 
     load_adapter_state(worker.model, global_state)
     if p.method == "finetune":
-        _train_steps(config, worker, train_examples, p.steps, p.lr, seed("personal"), ledger)
+        fit("personal")
         personal_metrics = evaluate(worker.model, heldout, batch, pad)
     elif p.method == "ditto":
         anchor = trainable_snapshot(worker.model)  # the global adapter, by parameter name
         load_adapter_state(worker.model, load_state(store.personal_path("ditto")) or global_state)
-        _train_steps(config, worker, train_examples, p.steps, p.lr, seed("personal"), ledger,
-                     proximal_mu=p.lambda_, anchor=anchor)
+        fit("personal", proximal_mu=p.lambda_, anchor=anchor)
         save_state(store.personal_path("ditto"), adapter_state(worker.model))
         personal_metrics = evaluate(worker.model, heldout, batch, pad)
     elif p.method == "adapter":
         with stacked_personal_adapter(worker.model, p, config.lora, load_state(store.personal_path("adapter")),
                                       seed("init")):
-            _train_steps(config, worker, train_examples, p.steps, p.lr, seed("personal"), ledger)
+            fit("personal")
             save_state(store.personal_path("adapter"), personal_state(worker.model))
             personal_metrics = evaluate(worker.model, heldout, batch, pad)
     else:

@@ -122,6 +122,8 @@ class PersonalConfig:
     lr: float = _key(1e-2, *POS_FLOAT)
     r: int = _key(8, *POS_INT, doc="rank of the personal adapter (method 'adapter')")
     lambda_: float = _key(0.1, *NON_NEG_FLOAT, doc="Ditto: weight of (lambda/2)*||personal - global||^2")
+    early_stopping: bool = _key(True, None, "true or false",
+                                "without DP: keep the step with the best loss on the last 20% of training records")
 
 
 @dataclass(frozen=True)

@@ -74,3 +74,29 @@ def stacked_personal_adapter(model, personal, lora, state: AdapterState | None, 
 def trainable_snapshot(model) -> dict[str, torch.Tensor]:
     """The trainable parameters by name: Ditto's anchor (the global weights)."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+class EarlyStopping:
+    """Keep the trainable weights with the lowest loss on a validation split of the
+    client's *training* records (its last ones), checked every `every` steps and before
+    the first. Never looks at the held-out set. Used without DP only: choosing among
+    checkpoints on private records is itself a release that DP-SGD does not account for.
+    """
+
+    def __init__(self, model, validation_loss, every: int):
+        self.model, self.validation_loss, self.every = model, validation_loss, every
+        self.best_loss, self.best_step = validation_loss(), 0
+        self.best = trainable_snapshot(model)
+
+    def __call__(self, step: int) -> None:
+        if step % self.every:
+            return
+        loss = self.validation_loss()
+        if loss < self.best_loss:
+            self.best_loss, self.best_step, self.best = loss, step, trainable_snapshot(self.model)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                if name in self.best:
+                    param.copy_(self.best[name])

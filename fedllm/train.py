@@ -57,12 +57,12 @@ def proximal_term(model, anchor: dict[str, torch.Tensor], mu: float) -> torch.Te
 
 
 def train_local(model, loader, optimizer, steps: int, proximal_mu: float = 0.0,
-                anchor: dict[str, torch.Tensor] | None = None) -> TrainResult:
+                anchor: dict[str, torch.Tensor] | None = None, after_step=None) -> TrainResult:
     """Run `steps` optimizer steps, cycling through the loader as often as needed.
 
     With `proximal_mu` > 0, the loss gets (mu/2)||w - anchor||^2 over the trainable
     weights; the anchor defaults to the weights at the start (FedProx), Ditto passes the
-    global adapter.
+    global adapter. `after_step(step)` is called after each step (early stopping uses it).
     """
     if proximal_mu <= 0:
         anchor = None
@@ -71,12 +71,14 @@ def train_local(model, loader, optimizer, steps: int, proximal_mu: float = 0.0,
     model.train()
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
     total, seen, empties = 0.0, 0, 0
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         batch = next(batches)
         if is_empty(batch):  # only a Poisson (DP) loader yields these
             optimizer.zero_grad(set_to_none=True)
             noise_only_step(optimizer)
             empties += 1
+            if after_step is not None:
+                after_step(step)
             continue
         loss = sequence_losses(model, batch["input_ids"], batch["attention_mask"]).mean()
         objective = loss + proximal_term(model, anchor, proximal_mu) if anchor is not None else loss
@@ -85,6 +87,10 @@ def train_local(model, loader, optimizer, steps: int, proximal_mu: float = 0.0,
         optimizer.step()
         total += loss.item()
         seen += len(batch["input_ids"])
+        if after_step is not None:
+            model.eval()
+            after_step(step)
+            model.train()
     model.eval()
     batches_with_data = max(1, steps - empties)
     return TrainResult(steps=steps, loss=total / batches_with_data, num_examples=seen)

@@ -119,7 +119,7 @@ class PersonalConfig:
     method: str = _key("none", *_one_of("none", "finetune", "adapter", "ditto"),
                        doc="how each device personalises the global adapter (evaluated after the last round)")
     steps: int = _key(10, *POS_INT, doc="personal training steps (and local-only baseline steps)")
-    lr: float = _key(1e-2, *POS_FLOAT)
+    lr: float = _key(1e-3, *POS_FLOAT, doc="chosen on validation splits of training records, never held-out")
     r: int = _key(8, *POS_INT, doc="rank of the personal adapter (method 'adapter')")
     lambda_: float = _key(0.1, *NON_NEG_FLOAT, doc="Ditto: weight of (lambda/2)*||personal - global||^2")
     early_stopping: bool = _key(True, None, "true or false",

@@ -54,10 +54,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     config, record = _config(msg)
     global_state = msg.content["arrays"].to_torch_state_dict()
     data, metrics = evaluate_client(config, _partition(context), global_state)
+    report = None
     if record.get("personalise", False):
-        metrics.update(personalise_client(config, _partition(context), global_state, int(record["server-round"])))
+        personal, report = personalise_client(config, _partition(context), global_state, int(record["server-round"]))
+        metrics.update(personal)
     content = RecordDict({"metrics": MetricRecord({"num-examples": len(data.heldout), **metrics}),
                           "client": ConfigRecord({"client-id": data.client_id})})
+    if report is not None:  # personal steps were charged: the server's copy of the report follows
+        content["privacy"] = ConfigRecord({"report": json.dumps(report)})
     return Message(content=content, reply_to=msg)
 
 

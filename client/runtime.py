@@ -150,16 +150,17 @@ PERSONAL_METRICS = ("loss", "perplexity", "top1", "top3")
 
 
 def personalise_client(config: Config, partition_id: int, global_state: dict[str, torch.Tensor],
-                       server_round: int) -> dict[str, float]:
+                       server_round: int) -> tuple[dict[str, float], dict | None]:
     """Personalise per `personal.method` and train the local-only baseline, both on this
     client's records (privately, charged, when DP is on); held-out metrics of both.
 
     Personal state (adapter, Ditto weights) and the local-only adapter stay in the state
-    store; what is returned is metrics only.
+    store; what is returned is metrics, and the epsilon report when DP is on.
     """
     from fedllm.evaluate import evaluate
     from fedllm.model import adapter_state, load_adapter_state
     from fedllm.personal import load_state, personal_state, save_state, stacked_personal_adapter, trainable_snapshot
+    from fedllm.privacy.report import client_report
     from fedllm.state import StateStore, state_root
 
     worker = worker_for(config)
@@ -178,8 +179,8 @@ def personalise_client(config: Config, partition_id: int, global_state: dict[str
         declined = _charge_or_decline(ledger, [ledger.next_charge(server_round, p.steps, "personal"),
                                                ledger.next_charge(server_round, p.steps, "local-only")])
         if declined:  # the device keeps the global adapter; report that
-            return {**metrics("personal", global_metrics), **metrics("local", global_metrics),
-                    "personal-declined": 1.0}
+            return ({**metrics("personal", global_metrics), **metrics("local", global_metrics),
+                     "personal-declined": 1.0}, client_report(ledger, declined=declined))
 
     def seed(kind: str) -> int:
         return client_seed(config.seed, server_round, f"{data.client_id}/{kind}")
@@ -225,7 +226,8 @@ def personalise_client(config: Config, partition_id: int, global_state: dict[str
     else:
         personal_metrics = global_metrics
     load_adapter_state(worker.model, global_state)
-    return {**metrics("personal", personal_metrics), **metrics("local", local_metrics), "personal-declined": 0.0}
+    report = client_report(ledger) if ledger is not None else None
+    return {**metrics("personal", personal_metrics), **metrics("local", local_metrics), "personal-declined": 0.0}, report
 
 
 def evaluate_client(config: Config, partition_id: int, global_state: dict[str, torch.Tensor]):

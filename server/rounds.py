@@ -135,9 +135,12 @@ class Rounds:
                 log.warning("round %d: evaluation reply from node %d dropped: %s",
                             server_round, msg.metadata.src_node_id, reason)
                 continue
+            client = self.node_client.get(msg.metadata.src_node_id, client_id_of(msg))
+            report = privacy_report(msg)
+            if report is not None:
+                self.record_privacy(client, report)
             metrics = next(iter(msg.content.metric_records.values()))
-            per_client[self.node_client.get(msg.metadata.src_node_id, client_id_of(msg))] = {
-                k: float(v) for k, v in metrics.items()}
+            per_client[client] = {k: float(v) for k, v in metrics.items()}
         return {"clients": dict(sorted(per_client.items())), "mean": _mean_metrics(per_client)}
 
     def personalisation(self, base_eval: dict, last_eval: dict, common: list[str]) -> dict[str, Any]:

@@ -55,7 +55,8 @@ def test_personal_adapter_is_kept_and_reloaded_after_a_restart(setup, tmp_path):
     config, runtime, worker = setup(**{"personal.method": "adapter", "privacy.enabled": "false",
                                        "personal.early-stopping": "false"})
     global_state = {k: v + 0.01 * torch.randn_like(v) for k, v in worker.initial.items()}
-    metrics = runtime.personalise_client(config, 0, global_state, server_round=1)
+    metrics, report = runtime.personalise_client(config, 0, global_state, server_round=1)
+    assert report is None  # DP is off here
     assert metrics["personal-declined"] == 0.0 and metrics["personal-perplexity"] > 0
     data = runtime.client_data(config, 0)
     store = StateStore(tmp_path / "state", data.client_id)
@@ -132,4 +133,7 @@ def test_nothing_personal_leaves_the_device(tmp_path, cache_dir):
     assert list((run_dir / "clients").glob("*/personal-adapter.safetensors"))  # ... and kept its adapter
     summary = json.loads((run_dir / "summary.json").read_text())
     assert {"personalised", "local_only", "personalisation"} <= set(summary)
+    # DP is on in this run: the server's copy of an evaluated client's report shows its personal steps
+    reports = [json.loads(p.read_text()) for p in (run_dir / "privacy" / "clients").glob("*.json")]
+    assert any({"personal", "local-only"} <= {h["kind"] for h in r["history"]} for r in reports)
     assert (run_dir / "personalisation.csv").exists() and (run_dir / "personalisation.png").exists()

@@ -56,7 +56,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     data, metrics = evaluate_client(config, _partition(context), global_state)
     report = None
     if record.get("personalise", False):
-        personal, report = personalise_client(config, _partition(context), global_state, int(record["server-round"]))
+        personal, report = personalise_client(config, _partition(context), global_state,
+                                              int(record["server-round"]), global_metrics=metrics)
         metrics.update(personal)
     content = RecordDict({"metrics": MetricRecord({"num-examples": len(data.heldout), **metrics}),
                           "client": ConfigRecord({"client-id": data.client_id})})

@@ -150,7 +150,8 @@ PERSONAL_METRICS = ("loss", "perplexity", "top1", "top3")
 
 
 def personalise_client(config: Config, partition_id: int, global_state: dict[str, torch.Tensor],
-                       server_round: int) -> tuple[dict[str, float], dict | None]:
+                       server_round: int, global_metrics: dict[str, float] | None = None,
+                       ) -> tuple[dict[str, float], dict | None]:
     """Personalise per `personal.method` and train the local-only baseline, both on this
     client's records (privately, charged, when DP is on); held-out metrics of both.
 
@@ -173,7 +174,8 @@ def personalise_client(config: Config, partition_id: int, global_state: dict[str
         return {f"{prefix}-{k}": values[k] for k in PERSONAL_METRICS}
 
     load_adapter_state(worker.model, global_state)
-    global_metrics = evaluate(worker.model, heldout, batch, pad)
+    if global_metrics is None:  # the evaluate handler has them already
+        global_metrics = evaluate(worker.model, heldout, batch, pad)
     ledger = open_ledger(config, data) if config.privacy.enabled else None
     if ledger is not None:
         declined = _charge_or_decline(ledger, [ledger.next_charge(server_round, p.steps, "personal"),

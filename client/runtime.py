@@ -146,9 +146,6 @@ def train_client(config: Config, partition_id: int, global_state: dict[str, torc
     return Update(data, delta, result, client_report(ledger) if ledger else None)
 
 
-PERSONAL_METRICS = ("loss", "perplexity", "top1", "top3")
-
-
 def personalise_client(config: Config, partition_id: int, global_state: dict[str, torch.Tensor],
                        server_round: int, global_metrics: dict[str, float] | None = None,
                        ) -> tuple[dict[str, float], dict | None]:
@@ -158,7 +155,7 @@ def personalise_client(config: Config, partition_id: int, global_state: dict[str
     Personal state (adapter, Ditto weights) and the local-only adapter stay in the state
     store; what is returned is metrics, and the epsilon report when DP is on.
     """
-    from fedllm.evaluate import evaluate
+    from fedllm.evaluate import SUMMARY_METRICS, evaluate
     from fedllm.model import adapter_state, load_adapter_state
     from fedllm.personal import load_state, personal_state, save_state, stacked_personal_adapter, trainable_snapshot
     from fedllm.privacy.report import client_report
@@ -171,7 +168,7 @@ def personalise_client(config: Config, partition_id: int, global_state: dict[str
     p, pad, batch = config.personal, worker.tokenizer.pad_token_id, config.evaluate.batch_size
 
     def metrics(prefix: str, values: dict[str, float]) -> dict[str, float]:
-        return {f"{prefix}-{k}": values[k] for k in PERSONAL_METRICS}
+        return {f"{prefix}-{k}": values[k] for k in SUMMARY_METRICS}
 
     load_adapter_state(worker.model, global_state)
     if global_metrics is None:  # the evaluate handler has them already

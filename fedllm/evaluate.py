@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from fedllm.data.tokens import collate
 
 METRICS = ("loss", "perplexity", "top1", "top3", "tokens")
+SUMMARY_METRICS = METRICS[:4]  # what is averaged over clients and compared between models
 
 
 @torch.no_grad()

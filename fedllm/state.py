@@ -11,10 +11,14 @@ import re
 from pathlib import Path
 
 
+def safe_name(client_id: str) -> str:
+    """A client id as a file or folder name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", client_id)
+
+
 class StateStore:
     def __init__(self, root: Path | str, client_id: str):
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", client_id)
-        self.dir = Path(root) / safe
+        self.dir = Path(root) / safe_name(client_id)
         self.client_id = client_id
 
     @property

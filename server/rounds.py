@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 from fedllm import atomic
 from fedllm.config import Config
 from fedllm.errors import FedllmError
-from fedllm.evaluate import METRICS
+from fedllm.evaluate import METRICS, SUMMARY_METRICS
 from fedllm.model import adapter_state, attach_lora, base_model_bytes, load_base, resolve_base, save_adapter
 from fedllm.privacy.report import summarize
 from fedllm.rundir import RunDir
+from fedllm.state import safe_name
 from server.sampling import ClientSampler, SampledGrid, discover
 from server.strategies import as_weights, make_strategy
 from server.validation import (AdapterSpec, check_evaluate_reply, check_train_reply, client_id_of, declined_reason,
@@ -32,8 +33,8 @@ from server.validation import (AdapterSpec, check_evaluate_reply, check_train_re
 
 log = logging.getLogger("fedllm.server")
 EVAL_METRICS = frozenset({"num-examples", *METRICS})
-PERSONAL_EVAL_METRICS = EVAL_METRICS | {f"{who}-{m}" for who in ("personal", "local") for m in
-                                        ("loss", "perplexity", "top1", "top3")} | {"personal-declined"}
+PERSONAL_EVAL_METRICS = (EVAL_METRICS | {f"{who}-{m}" for who in ("personal", "local") for m in SUMMARY_METRICS}
+                         | {"personal-declined"})
 
 
 def _float32(arrays: ArrayRecord) -> ArrayRecord:
@@ -52,7 +53,7 @@ def _mean_metrics(per_client: dict[str, dict[str, float]]) -> dict[str, float]:
     """Unweighted mean over clients: each client's held-out set counts once."""
     if not per_client:
         return {}
-    return {m: statistics.fmean(c[m] for c in per_client.values()) for m in ("loss", "perplexity", "top1", "top3")}
+    return {m: statistics.fmean(c[m] for c in per_client.values()) for m in SUMMARY_METRICS}
 
 
 class Rounds:
@@ -151,7 +152,7 @@ class Rounds:
 
         def pick(client: str, prefix: str) -> dict[str, float]:
             m = last_eval["clients"][client]
-            return {k: m[f"{prefix}-{k}"] for k in ("loss", "perplexity", "top1", "top3")}
+            return {k: m[f"{prefix}-{k}"] for k in SUMMARY_METRICS}
 
         lines = ["client_id,base_perplexity,local_only_perplexity,global_perplexity,personalised_perplexity,declined"]
         for c in rows:
@@ -173,8 +174,7 @@ class Rounds:
     def record_privacy(self, client_id: str, report: dict[str, Any]) -> None:
         """Keep the client's latest epsilon report (it carries its whole history)."""
         self.privacy_reports[client_id] = report
-        safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in client_id)
-        atomic.write_json(self.run.path / "privacy" / "clients" / f"{safe}.json", report)
+        atomic.write_json(self.run.path / "privacy" / "clients" / f"{safe_name(client_id)}.json", report)
 
     def privacy_summary(self) -> dict[str, Any]:
         summary = {"enabled": self.config.privacy.enabled, **summarize(self.privacy_reports, self.declined)}

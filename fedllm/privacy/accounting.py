@@ -60,23 +60,22 @@ def _dp_event(charges: Sequence[Charge]):
     ])
 
 
+def _dp_accounting_epsilon(accountant, charges: Sequence[Charge], delta: float) -> float:
+    if not _history(charges):
+        return 0.0
+    accountant.compose(_dp_event(charges))
+    return float(accountant.get_epsilon(delta))
+
+
 def epsilon_pld(charges: Sequence[Charge], delta: float) -> float:
     """Independent recomputation with Google's dp-accounting, privacy loss distributions."""
     from dp_accounting.pld import PLDAccountant
 
-    if not _history(charges):
-        return 0.0
-    acc = PLDAccountant()
-    acc.compose(_dp_event(charges))
-    return float(acc.get_epsilon(delta))
+    return _dp_accounting_epsilon(PLDAccountant(), charges, delta)
 
 
 def epsilon_rdp_dp_accounting(charges: Sequence[Charge], delta: float) -> float:
     """Second opinion: dp-accounting's RDP accountant."""
     from dp_accounting.rdp import RdpAccountant
 
-    if not _history(charges):
-        return 0.0
-    acc = RdpAccountant()
-    acc.compose(_dp_event(charges))
-    return float(acc.get_epsilon(delta))
+    return _dp_accounting_epsilon(RdpAccountant(), charges, delta)

@@ -33,7 +33,7 @@ def train(msg: Message, context: Context) -> Message:
     global_state = msg.content["arrays"].to_torch_state_dict()
     update = train_client(
         config, _partition(context), global_state, int(record["server-round"]),
-        proximal_mu=float(record.get("proximal-mu", 0.0)),
+        proximal_mu=float(record.get("proximal-mu", 0.0)), run_id=str(record.get("run-id", "")),
     )
     content = RecordDict({"client": ConfigRecord({"client-id": update.data.client_id, "declined": update.declined})})
     if update.privacy is not None:
@@ -57,7 +57,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     report = None
     if record.get("personalise", False):
         personal, report = personalise_client(config, _partition(context), global_state,
-                                              int(record["server-round"]), global_metrics=metrics)
+                                              int(record["server-round"]), global_metrics=metrics,
+                                              run_id=str(record.get("run-id", "")))
         metrics.update(personal)
     content = RecordDict({"metrics": MetricRecord({"num-examples": len(data.heldout), **metrics}),
                           "client": ConfigRecord({"client-id": data.client_id})})

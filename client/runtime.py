@@ -123,7 +123,7 @@ def _charge_or_decline(ledger, charges) -> str:
 
 
 def train_client(config: Config, partition_id: int, global_state: dict[str, torch.Tensor],
-                 server_round: int, proximal_mu: float = 0.0) -> Update:
+                 server_round: int, proximal_mu: float = 0.0, run_id: str = "") -> Update:
     """One client round: apply the global adapter, train locally (privately when DP is
     on, after charging the ledger), return the delta."""
     from fedllm.model import adapter_state, load_adapter_state
@@ -136,7 +136,7 @@ def train_client(config: Config, partition_id: int, global_state: dict[str, torc
 
     ledger = open_ledger(config, data) if config.privacy.enabled else None
     if ledger is not None:
-        declined = _charge_or_decline(ledger, [ledger.next_charge(server_round, config.local_steps)])
+        declined = _charge_or_decline(ledger, [ledger.next_charge(server_round, config.local_steps, run=run_id)])
         if declined:
             return Update(data, None, None, client_report(ledger, declined=declined), declined=declined)
     result = _train_steps(config, worker, train_examples, config.local_steps, config.train.lr,
@@ -148,7 +148,7 @@ def train_client(config: Config, partition_id: int, global_state: dict[str, torc
 
 def personalise_client(config: Config, partition_id: int, global_state: dict[str, torch.Tensor],
                        server_round: int, global_metrics: dict[str, float] | None = None,
-                       ) -> tuple[dict[str, float], dict | None]:
+                       run_id: str = "") -> tuple[dict[str, float], dict | None]:
     """Personalise per `personal.method` and train the local-only baseline, both on this
     client's records (privately, charged, when DP is on); held-out metrics of both.
 
@@ -175,8 +175,8 @@ def personalise_client(config: Config, partition_id: int, global_state: dict[str
         global_metrics = evaluate(worker.model, heldout, batch, pad)
     ledger = open_ledger(config, data) if config.privacy.enabled else None
     if ledger is not None:
-        declined = _charge_or_decline(ledger, [ledger.next_charge(server_round, p.steps, "personal"),
-                                               ledger.next_charge(server_round, p.steps, "local-only")])
+        declined = _charge_or_decline(ledger, [ledger.next_charge(server_round, p.steps, "personal", run_id),
+                                               ledger.next_charge(server_round, p.steps, "local-only", run_id)])
         if declined:  # the device keeps the global adapter; report that
             return ({**metrics("personal", global_metrics), **metrics("local", global_metrics),
                      "personal-declined": 1.0}, client_report(ledger, declined=declined))

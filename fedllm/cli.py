@@ -2,6 +2,8 @@
 
     fedllm simulate [--config FILE] [--set KEY=VALUE ...] [--run-dir DIR]
     fedllm base build [--config FILE] [--set KEY=VALUE ...]
+    fedllm audit RUN_DIR | STATE_STORE [--tolerance T] [--state-dir DIR] [--out DIR]
+    fedllm audit canary [--config FILE] [--set KEY=VALUE ...] --run-dir DIR [--canaries M] [--guesses R]
     fedllm keys
 """
 
@@ -58,6 +60,29 @@ def cmd_base_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Exit 0 when every check passes, 1 when any fails (each failure is named)."""
+    from fedllm.privacy.audit import audit_path
+    from fedllm.privacy.audit_report import table, write_reports
+
+    if not 0 <= args.tolerance < 1:
+        raise FedllmError(f"--tolerance={args.tolerance}: give a relative tolerance in [0, 1), e.g. 0.01")
+    audit = audit_path(args.path, args.tolerance, args.state_dir)
+    out = args.out or (args.path if args.path.is_dir() else args.path.parent) / "audit"
+    written = write_reports(audit, out)
+    print(table(audit))
+    print(f"\nreport: {written[0]}  {written[1]}")
+    return 1 if audit.failures else 0
+
+
+def cmd_audit_canary(args: argparse.Namespace) -> int:
+    canary = importlib.import_module("simulations.canary_audit")
+
+    result = canary.run(args.config, _overrides(args.assignments), args.run_dir, args.canaries, args.guesses)
+    print(canary.format_result(result))
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     for key, default, note in describe_keys():
         print(f"{key:<28} {default!r:<12} {note}")
@@ -79,12 +104,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(build)
     build.set_defaults(func=cmd_base_build)
 
+    audit = sub.add_parser(
+        "audit", help="check every epsilon claim of a run directory or state store; "
+                      "`fedllm audit canary` runs the empirical one-run audit",
+        description="Recompute every client's epsilon with dp-accounting, verify the ledgers' hash chains and "
+                    "compare the charged rounds with the server's metrics. Writes audit/report.md and "
+                    "audit/report.html; exits 1 when any check fails. See docs/auditing.md.")
+    audit.add_argument("path", type=Path, help="a run directory, a client state store, or one ledger.json")
+    audit.add_argument("--tolerance", type=float, default=0.01,
+                       help="relative difference allowed between the claimed and the recomputed epsilon (0.01)")
+    audit.add_argument("--state-dir", type=Path, help="the devices' state store, to compare their ledgers with the "
+                                                      "server's copies (default: the run's privacy.state-dir or "
+                                                      "RUN_DIR/clients when present)")
+    audit.add_argument("--out", type=Path, help="where to write the report (default: PATH/audit)")
+    audit.set_defaults(func=cmd_audit)
+
+    canary = sub.add_parser(
+        "audit-canary", help=argparse.SUPPRESS, prog="fedllm audit canary",
+        description="Empirical privacy audit in one training run (Steinke, Nasr, Jagielski 2023): insert canary "
+                    "records, train as configured, guess which canaries were included, and turn the guesses "
+                    "into an epsilon lower bound at 95%% confidence. Writes RUN_DIR/audit/canary.json.")
+    _add_config_args(canary)
+    canary.add_argument("--run-dir", type=Path, required=True, help="where the audited run writes its files")
+    canary.add_argument("--canaries", type=int, default=None, help="m, the number of canaries (default: "
+                                                                    "audit.canaries in the config)")
+    canary.add_argument("--guesses", type=int, default=None, help="r, guesses to make: r/2 'in' from the top "
+                                                                   "scores and r/2 'out' from the bottom (default: "
+                                                                   "audit.guesses)")
+    canary.set_defaults(func=cmd_audit_canary)
+
     keys = sub.add_parser("keys", help="list every config key with its default")
     keys.set_defaults(func=cmd_keys)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["audit", "canary"]:  # a sub-command of `audit`, whose first argument is otherwise a path
+        argv = ["audit-canary", *argv[2:]]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -3,7 +3,7 @@
     config.json          resolved configuration (flat dotted keys)
     metrics.jsonl        one object per round (round 0: the base, before training)
     summary.json         final figures (base vs global, upload bytes, ...)
-    checkpoints/round-N  global adapter after round N, a PEFT adapter directory
+    checkpoints/round-N  global adapter after round N (round-0: the initial one), a PEFT adapter directory
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +73,11 @@ class Rounds:
         self.privacy_reports: dict[str, dict[str, Any]] = {}
         self.node_client: dict[int, str] = {}
         self.declined: dict[str, list[int]] = {}
+        # Names this run in every ledger entry it causes: a state store outlives runs.
+        self.run_id = uuid.uuid4().hex[:12]
 
     def _config_record(self, server_round: int) -> ConfigRecord:
-        return ConfigRecord({**self.config.to_flat(), "server-round": server_round})
+        return ConfigRecord({**self.config.to_flat(), "server-round": server_round, "run-id": self.run_id})
 
     def train_round(self, server_round: int, strategy, nodes: list[int]) -> dict[str, Any]:
         grid = SampledGrid(self.grid, nodes)
@@ -107,9 +110,12 @@ class Rounds:
         self.rejected += len(dropped)
         upload = [_upload_bytes(m) for m in accepted]
         self.upload.extend(upload)
+        metrics = [next(iter(m.content.metric_records.values())) for m in accepted]
         record = {
+            "sampled": [self.node_client.get(n, "?") for n in nodes],
             "clients": [self.node_client.get(m.metadata.src_node_id, "?") for m in accepted],
-            "train_loss": [float(next(iter(m.content.metric_records.values()))["train-loss"]) for m in accepted],
+            "train_loss": [float(m["train-loss"]) for m in metrics],
+            "steps": [int(m["steps"]) for m in metrics],
             "upload_bytes": upload,
             "dropped": dropped,
             "declined": declined,
@@ -177,7 +183,7 @@ class Rounds:
         atomic.write_json(self.run.path / "privacy" / "clients" / f"{safe_name(client_id)}.json", report)
 
     def privacy_summary(self) -> dict[str, Any]:
-        summary = {"enabled": self.config.privacy.enabled, **summarize(self.privacy_reports, self.declined)}
+        summary = {"enabled": self.config.privacy.enabled, "run_id": self.run_id, **summarize(self.privacy_reports, self.declined)}
         atomic.write_json(self.run.path / "privacy" / "summary.json", summary)
         return summary
 
@@ -201,7 +207,8 @@ class Rounds:
         strategy = make_strategy(config)
 
         base_eval = self.evaluate(0, eval_nodes)
-        self.run.append_metrics({"round": 0, "evaluate": base_eval, "seconds": round(time.time() - started, 2)})
+        self.checkpoint(0)  # the initial adapter: where every client's first round starts
+        self.run.append_metrics({"round": 0, "run_id": self.run_id, "evaluate": base_eval, "seconds": round(time.time() - started, 2)})
         last_eval = base_eval
         bar = tqdm(range(1, config.num_server_rounds + 1), desc="rounds", unit="round")
         for server_round in bar:
@@ -237,6 +244,7 @@ class Rounds:
         personal = self.personalisation(base_eval, last_eval, common)
         return {
             **personal,
+            "run_id": self.run_id,
             "rounds": self.config.num_server_rounds,
             "num_clients": self.config.num_clients,
             "clients_per_round": self.config.clients_per_round,

@@ -13,7 +13,8 @@ import torch
 from fedllm.config import LoraConfig
 from fedllm.data.tokens import encode
 from fedllm.model import adapter_state, attach_lora, load_base
-from fedllm.privacy.accounting import calibrate, epsilon, epsilon_pld, epsilon_rdp_dp_accounting
+from fedllm.privacy.accounting import calibrate, epsilon
+from fedllm.privacy.audit import recompute_epsilon
 from fedllm.privacy.engine import PrivacyError, check_adapter_moved, make_private, poisson_sample_rate
 from fedllm.privacy.events import Charge
 from fedllm.privacy.ledger import Ledger, LedgerError
@@ -25,9 +26,10 @@ TEXTS = ["To be, or not to be, that is the question.", "All the world's a stage.
 @pytest.mark.parametrize("sigma, q, steps", [(1.0, 0.2, 10), (0.7, 0.125, 25), (2.0, 0.05, 100)])
 def test_opacus_prv_agrees_with_dp_accounting_pld(sigma, q, steps):
     charges = [Charge(r, sigma, q, steps // 2) for r in range(2)]
-    prv, pld = epsilon(charges, 1e-5), epsilon_pld(charges, 1e-5)
-    assert prv == pytest.approx(pld, rel=0.02)
-    assert epsilon_rdp_dp_accounting(charges, 1e-5) >= pld  # RDP is an upper bound
+    history = [c.to_dict() for c in charges]
+    prv, pld = epsilon(charges, 1e-5), recompute_epsilon(history, 1e-5, "pld")
+    assert prv == pytest.approx(pld, rel=0.01)
+    assert recompute_epsilon(history, 1e-5, "rdp") >= pld  # RDP is an upper bound
 
 
 def test_merging_identical_mechanisms_changes_nothing():

@@ -1,8 +1,8 @@
 """What it costs: epsilon from a list of charges, and noise calibration.
 
 Opacus' accountants are the primary ones (PRV by default: tight, and it agrees with
-dp-accounting's PLD to about 1%). dp-accounting's PLD and RDP are the independent
-second opinions an auditor uses.
+dp-accounting's PLD to about 0.2%). The independent recomputation with dp-accounting
+lives in `fedllm.privacy.audit`, which reads only the files.
 """
 
 from __future__ import annotations
@@ -48,34 +48,3 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: in
 
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                       steps=steps, accountant=accountant, epsilon_tolerance=0.005))
-
-
-def _dp_event(charges: Sequence[Charge]):
-    import dp_accounting
-
-    return dp_accounting.ComposedDpEvent([
-        dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
-        for sigma, q, steps in _history(charges)
-    ])
-
-
-def _dp_accounting_epsilon(accountant, charges: Sequence[Charge], delta: float) -> float:
-    if not _history(charges):
-        return 0.0
-    accountant.compose(_dp_event(charges))
-    return float(accountant.get_epsilon(delta))
-
-
-def epsilon_pld(charges: Sequence[Charge], delta: float) -> float:
-    """Independent recomputation with Google's dp-accounting, privacy loss distributions."""
-    from dp_accounting.pld import PLDAccountant
-
-    return _dp_accounting_epsilon(PLDAccountant(), charges, delta)
-
-
-def epsilon_rdp_dp_accounting(charges: Sequence[Charge], delta: float) -> float:
-    """Second opinion: dp-accounting's RDP accountant."""
-    from dp_accounting.rdp import RdpAccountant
-
-    return _dp_accounting_epsilon(RdpAccountant(), charges, delta)

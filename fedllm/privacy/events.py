@@ -19,7 +19,8 @@ class Charge:
     noise_multiplier: float
     sample_rate: float
     steps: int
-    kind: str = "train"  # what the steps were for: "train" (shared) or "personal"
+    kind: str = "train"  # what the steps were for: "train" (shared), "personal" or "local-only"
+    run: str = ""  # the server's run id: a state store outlives runs, round numbers do not
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -27,4 +28,4 @@ class Charge:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Charge":
         return cls(round=int(d["round"]), noise_multiplier=float(d["noise_multiplier"]),
-                   sample_rate=float(d["sample_rate"]), steps=int(d["steps"]), kind=str(d.get("kind", "train")))
+                   sample_rate=float(d["sample_rate"]), steps=int(d["steps"]), kind=str(d.get("kind", "train")), run=str(d.get("run", "")))

@@ -1,7 +1,9 @@
 """The on-device privacy ledger: every DP-SGD participation of one client, charged
 *before* it trains, written atomically.
 
-A crash after charging over-reports what was spent, never under-reports it. The noise
+A crash after charging over-reports what was spent, never under-reports it. Entries
+form a hash chain (`fedllm.privacy.chain`): a ledger that was edited, truncated or
+reordered is refused, not continued. The noise
 multiplier is calibrated once, when the ledger is created, for the planned number of
 steps, and kept for the client's whole life (recalibrating later would assume nothing
 had been spent).
@@ -16,10 +18,11 @@ from typing import Any
 
 from fedllm import atomic
 from fedllm.errors import FedllmError
+from fedllm.privacy import chain
 from fedllm.privacy.accounting import calibrate, epsilon
 from fedllm.privacy.events import Charge
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2  # 2: hash chain (version 1 ledgers are chained when first loaded)
 PRIVACY_UNIT = "record: one speech of a role, or one line of a client's data file; one training example each"
 
 
@@ -76,27 +79,36 @@ class Ledger:
 
     @classmethod
     def load(cls, path: Path) -> "Ledger":
+        advice = "it is never rewritten automatically: restore it from a backup or move it aside to start anew"
         try:
             d = json.loads(Path(path).read_text())
-            return cls(
+            ledger = cls(
                 Path(path), d["client_id"], int(d["num_records"]), float(d["delta"]), float(d["target_epsilon"]),
                 float(d["noise_multiplier"]), float(d["sample_rate"]), float(d["max_grad_norm"]),
                 int(d["planned_steps"]), d["accountant"], [Charge.from_dict(c) for c in d["history"]],
                 dict(d["versions"]),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise LedgerError(f"privacy ledger {path} is unreadable ({exc}); it is never rewritten "
-                              "automatically: restore it from a backup or move it aside to start anew") from exc
+            raise LedgerError(f"privacy ledger {path} is unreadable ({exc}); {advice}") from exc
+        if int(d.get("ledger_version", 1)) >= 2:
+            broken = chain.problems(d)
+            if broken:
+                where = "; ".join(f"{field} {why}" for field, why in broken)
+                raise LedgerError(f"privacy ledger {path} fails its hash chain ({where}); the budget it records "
+                                  f"cannot be trusted, so this client will not train on it; {advice}")
+        return ledger
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        header = {
             "ledger_version": LEDGER_VERSION, "client_id": self.client_id, "privacy_unit": PRIVACY_UNIT,
             "num_records": self.num_records, "delta": self.delta, "target_epsilon": self.target_epsilon,
             "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
             "max_grad_norm": self.max_grad_norm, "planned_steps": self.planned_steps,
             "accountant": self.accountant, "sampling": "poisson", "secure_rng": False,
-            "versions": self.versions, "history": [c.to_dict() for c in self.history],
+            "versions": self.versions,
         }
+        genesis, history = chain.link(header, [c.to_dict() for c in self.history])
+        return {**header, "genesis": genesis, "history": history, "head": history[-1]["hash"] if history else genesis}
 
     def save(self) -> None:
         atomic.write_json(self.path, self.to_dict())
@@ -105,8 +117,8 @@ class Ledger:
     def epsilon(self, extra: list[Charge] | None = None) -> float:
         return epsilon(self.history + (extra or []), self.delta, self.accountant)
 
-    def next_charge(self, server_round: int, steps: int, kind: str = "train") -> Charge:
-        return Charge(server_round, self.noise_multiplier, self.sample_rate, steps, kind)
+    def next_charge(self, server_round: int, steps: int, kind: str = "train", run: str = "") -> Charge:
+        return Charge(server_round, self.noise_multiplier, self.sample_rate, steps, kind, run)
 
     def affordable(self, charges: list[Charge]) -> tuple[bool, float]:
         """(whether `charges` stay within the target, epsilon after them)."""

@@ -16,8 +16,6 @@ def client_report(ledger: Ledger, declined: str = "") -> dict[str, Any]:
         "mechanism": MECHANISM,
         "epsilon": ledger.epsilon(),
         "declined": declined,
-        "history": [{k: c.to_dict()[k] for k in ("round", "noise_multiplier", "sample_rate", "steps", "kind")}
-                    for c in ledger.history],
     })
     return report
 

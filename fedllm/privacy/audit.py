@@ -1,0 +1,398 @@
+"""`fedllm audit`: decide from the files alone whether every epsilon claim holds.
+
+Nothing here trusts the code that trained: epsilon is recomputed from each report's
+recorded mechanism with Google's dp-accounting (PLD, and RDP as a second opinion), not
+with Opacus; the ledger's hash chain is re-derived; and the rounds and steps a client
+says it was charged for are compared with what the server recorded independently in
+`metrics.jsonl`. Every check yields a `Finding` naming the client, the check and the
+field, so a failure says exactly what to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from fedllm.errors import FedllmError
+from fedllm.privacy import chain
+
+CHECKS = ("fields", "versions", "privacy-unit", "sampling", "chain", "delta", "epsilon-pld", "epsilon-rdp",
+          "target", "rounds", "device-ledger")
+RUN_CHECKS = ("fields", "summary", "target")  # of the run as a whole: privacy/summary.json against the reports
+REQUIRED = {
+    "client_id": str, "num_records": int, "delta": float, "target_epsilon": float, "noise_multiplier": float,
+    "sample_rate": float, "max_grad_norm": float, "planned_steps": int, "accountant": str, "sampling": str,
+    "privacy_unit": str, "versions": dict, "history": list, "genesis": str, "head": str, "epsilon": float,
+    "ledger_version": int,
+}
+VERSIONED = ("fedllm", "opacus", "torch", "dp-accounting")
+
+
+@dataclass
+class Finding:
+    client: str  # a client id, or "run" for checks of the run as a whole
+    check: str
+    status: str  # "pass", "fail" or "skip"
+    field: str = ""
+    message: str = ""
+
+
+@dataclass
+class ClientEpsilon:
+    """What the plots and the table need about one client."""
+
+    claimed: float | None
+    pld: float | None
+    rdp: float | None
+    target: float | None
+    by_round: list[tuple[int, float]] = field(default_factory=list)  # PLD epsilon after each round it spent in
+
+
+@dataclass
+class Audit:
+    source: Path
+    kind: str  # "run" or "state store"
+    tolerance: float
+    findings: list[Finding] = field(default_factory=list)
+    epsilons: dict[str, ClientEpsilon] = field(default_factory=dict)
+
+    @property
+    def failures(self) -> list[Finding]:
+        return [f for f in self.findings if f.status == "fail"]
+
+    @property
+    def clients(self) -> list[str]:
+        return sorted({f.client for f in self.findings if f.client != "run"})
+
+    def status(self, client: str, check: str) -> str:
+        got = [f.status for f in self.findings if f.client == client and f.check == check]
+        return "fail" if "fail" in got else ("pass" if "pass" in got else "skip")
+
+
+# -- independent recomputation -----------------------------------------------------------
+def _mechanisms(history: list[Mapping[str, Any]]) -> tuple[tuple[float, float, int], ...]:
+    """(noise multiplier, sample rate, steps) per distinct mechanism, order-free."""
+    merged: dict[tuple[float, float], int] = {}
+    for e in history:
+        key = (float(e["noise_multiplier"]), float(e["sample_rate"]))
+        merged[key] = merged.get(key, 0) + int(e["steps"])
+    return tuple(sorted((s, q, n) for (s, q), n in merged.items() if n > 0))
+
+
+@lru_cache(maxsize=4096)
+def _recompute(mechanisms: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
+    if not mechanisms:
+        return 0.0
+    logging.getLogger("absl").setLevel(logging.ERROR)  # RDP notes orders it drops; not a finding
+    # PLD's discretisation is pessimistic (never below the true epsilon); 1e-3 agrees with
+    # the default 1e-4 to 1e-5 here and is ten times faster.
+    acc = PLDAccountant(value_discretization_interval=1e-3) if accountant == "pld" else RdpAccountant()
+    acc.compose(dp_accounting.ComposedDpEvent([
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+        for sigma, q, steps in mechanisms
+    ]))
+    return float(acc.get_epsilon(delta))
+
+
+def recompute_epsilon(history: list[Mapping[str, Any]], delta: float, accountant: str = "pld") -> float:
+    """Epsilon of a report's `history` with dp-accounting ("pld" or "rdp")."""
+    return _recompute(_mechanisms(history), float(delta), accountant)
+
+
+# -- reading the evidence ------------------------------------------------------------------
+def _read_json(path: Path) -> tuple[Any, str]:
+    try:
+        return json.loads(path.read_text()), ""
+    except (OSError, ValueError) as exc:
+        return None, f"{path.name} is unreadable: {exc}"
+
+
+@dataclass
+class ServerRecord:
+    """What the server saw of one client, from metrics.jsonl and config.json."""
+
+    sampled: set[int] = field(default_factory=set)
+    accepted: dict[int, int | None] = field(default_factory=dict)  # round -> steps it reported
+    dropped: set[int] = field(default_factory=set)
+    declined: set[int] = field(default_factory=set)
+    personalised: dict[int, bool] = field(default_factory=dict)  # round -> charged personal steps
+
+
+def server_records(run_dir: Path) -> tuple[str, dict[str, ServerRecord]]:
+    """(run id, client -> ServerRecord) from the run's metrics.jsonl."""
+    records: dict[str, ServerRecord] = {}
+    run_id = ""
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        if not line.strip():
+            continue
+        m = json.loads(line)
+        r = int(m["round"])
+        run_id = m.get("run_id", run_id)
+        train = m.get("train", {})
+        for c in train.get("sampled", []):
+            records.setdefault(c, ServerRecord()).sampled.add(r)
+        steps = train.get("steps", [None] * len(train.get("clients", [])))
+        for c, s in zip(train.get("clients", []), steps):
+            records.setdefault(c, ServerRecord()).accepted[r] = s
+        for d in train.get("dropped", []):
+            records.setdefault(d["client_id"], ServerRecord()).dropped.add(r)
+        for d in train.get("declined", []):
+            records.setdefault(d["client_id"], ServerRecord()).declined.add(r)
+        for c, metrics in m.get("evaluate", {}).get("clients", {}).items():
+            if "personal-declined" in metrics:
+                records.setdefault(c, ServerRecord()).personalised[r] = not metrics["personal-declined"]
+    return run_id, records
+
+
+# -- the checks ----------------------------------------------------------------------------
+class _Checker:
+    def __init__(self, audit: Audit, client: str):
+        self.audit, self.client = audit, client
+
+    def __call__(self, check: str, ok: bool | None, field: str = "", message: str = "") -> bool:
+        status = "skip" if ok is None else ("pass" if ok else "fail")
+        self.audit.findings.append(Finding(self.client, check, status, field, message if status != "pass" else ""))
+        return bool(ok)
+
+
+def _type_ok(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def check_report(audit: Audit, report: Any, name: str, config: Mapping[str, Any] | None = None,
+                 server: ServerRecord | None = None, run_id: str = "") -> None:
+    """All per-client checks on one report (or ledger file) `report`, found under `name`."""
+    client = report.get("client_id", name) if isinstance(report, dict) else name
+    check = _Checker(audit, str(client))
+    if not isinstance(report, dict):
+        check("fields", False, name, "not a JSON object")
+        return
+    bad = [k for k, kind in REQUIRED.items() if not _type_ok(report.get(k), kind)]
+    is_ledger = "epsilon" not in report  # a device's ledger file carries no claim
+    if is_ledger:
+        bad = [k for k in bad if k != "epsilon"]
+    entry_bad = [f"history[{i}]" for i, e in enumerate(report.get("history") or [])
+                 if not isinstance(e, dict) or not all(
+                     _type_ok(e.get(k), t) for k, t in (("round", int), ("steps", int), ("noise_multiplier", float),
+                                                        ("sample_rate", float)))]
+    if not check("fields", not bad and not entry_bad, ", ".join(bad + entry_bad),
+                 "missing or of the wrong type"):
+        return  # nothing below can be computed reliably
+    history = report["history"]
+    versions = report["versions"]
+    missing = [v for v in VERSIONED if versions.get(v) in (None, "", "not installed")]
+    check("versions", not missing, "versions", f"no version recorded for {', '.join(missing)}")
+    check("privacy-unit", bool(report["privacy_unit"].strip()), "privacy_unit", "empty")
+
+    # Sampling: Poisson, one rate throughout, and the rate the loader uses for this many records.
+    rates = {float(e["sample_rate"]) for e in history} | {report["sample_rate"]}
+    sampling_problems = []
+    if report["sampling"] != "poisson":
+        sampling_problems.append(("sampling", f"{report['sampling']!r}; the accounting assumes 'poisson'"))
+    if len(rates) > 1:
+        sampling_problems.append(("history[].sample_rate", f"several rates {sorted(rates)}"))
+    if config and "train.batch-size" in config:
+        n, b = report["num_records"], int(config["train.batch-size"])
+        expected = 1.0 / -(-n // min(b, n))
+        if abs(report["sample_rate"] - expected) > 1e-12:
+            sampling_problems.append(("sample_rate", f"{report['sample_rate']} but {n} records in batches of {b} "
+                                                     f"are sampled at {expected}"))
+    check("sampling", not sampling_problems, "; ".join(f for f, _ in sampling_problems),
+          "; ".join(m for _, m in sampling_problems))
+
+    broken = chain.problems(report)
+    check("chain", not broken, ", ".join(f for f, _ in broken), "; ".join(f"{f} {m}" for f, m in broken))
+
+    delta, n = report["delta"], report["num_records"]
+    check("delta", 0 < delta < 1.0 / n, "delta", f"{delta} is not below 1/n = {1.0 / n:.4g} ({n} records)")
+
+    tol = audit.tolerance
+    pld = recompute_epsilon(history, delta, "pld")
+    rdp = recompute_epsilon(history, delta, "rdp")
+    claimed = None if is_ledger else float(report["epsilon"])
+    if claimed is None:
+        check("epsilon-pld", None, "epsilon", "a ledger file makes no claim; recomputed only")
+    else:
+        check("epsilon-pld", abs(claimed - pld) <= max(tol * pld, 1e-3), "epsilon",
+              f"claims {claimed:.4f}, dp-accounting PLD recomputes {pld:.4f} from the history "
+              f"(tolerance {tol:.1%})")
+    worst = max(pld, claimed or 0.0)
+    check("epsilon-rdp", worst <= rdp * (1 + tol) + 1e-9, "epsilon",
+          f"{worst:.4f} is above dp-accounting's RDP upper bound {rdp:.4f}: the accountants disagree")
+    target = report["target_epsilon"]
+    over = []
+    if claimed is not None and claimed > target * (1 + 1e-9):  # the client itself must never exceed it
+        over.append("epsilon")
+    if pld > target * (1 + tol):  # nor may the independent recomputation, beyond accountant disagreement
+        over.append("history")
+    check("target", not over, ", ".join(over),
+          f"target {target} exceeded: claimed {claimed}, recomputed {pld:.4f}")
+
+    audit.epsilons[str(client)] = ClientEpsilon(claimed, pld, rdp, target, _by_round(history, delta))
+
+    if server is None:
+        check("rounds", None, "", "no server record (metrics.jsonl) to compare with")
+    else:
+        _check_rounds(check, history, server, config or {}, run_id)
+
+
+def _by_round(history: list[Mapping[str, Any]], delta: float) -> list[tuple[int, float]]:
+    """PLD epsilon after each entry, in ledger order (rounds repeat across runs; order does not)."""
+    return [(int(e["round"]), recompute_epsilon(history[: i + 1], delta, "pld")) for i, e in enumerate(history)]
+
+
+def _check_rounds(check: _Checker, history: list[Mapping[str, Any]], server: ServerRecord,
+                  config: Mapping[str, Any], run_id: str) -> None:
+    """The ledger's charges for this run against the rounds the server saw the client in."""
+    mine = [(i, e) for i, e in enumerate(history) if e.get("run", "") == run_id]
+    train = {int(e["round"]): (i, int(e["steps"])) for i, e in mine if e.get("kind", "train") == "train"}
+    personal = {(int(e["round"]), e.get("kind")): (i, int(e["steps"])) for i, e in mine
+                if e.get("kind") in ("personal", "local-only")}
+    local_steps, personal_steps = config.get("local-steps"), config.get("personal.steps")
+    problems: list[tuple[str, str]] = []
+    for r, reported in sorted(server.accepted.items()):
+        if r not in train:
+            problems.append(("history", f"the server accepted this client's update in round {r}, but no train "
+                                        "charge for that round is in the history"))
+            continue
+        i, steps = train[r]
+        for source, expected in (("the server's metrics", reported), ("config local-steps", local_steps)):
+            if expected is not None and steps != int(expected):
+                problems.append((f"history[{i}].steps", f"{steps} steps charged in round {r}, {source} say {expected}"))
+    for r, (i, _) in sorted(train.items()):
+        if r in server.declined:
+            problems.append((f"history[{i}]", f"charged in round {r}, in which the server recorded a decline"))
+        elif r not in server.sampled and r not in server.accepted and r not in server.dropped:
+            problems.append((f"history[{i}]", f"charged in round {r}, in which the server never sampled this client"))
+    for r, charged in sorted(server.personalised.items()):
+        for kind in ("personal", "local-only"):
+            got = personal.get((r, kind))
+            if charged and got is None:
+                problems.append(("history", f"the client reported {kind} training after round {r}, but no {kind} "
+                                            "charge for it is in the history"))
+            elif charged and personal_steps is not None and got[1] != int(personal_steps):
+                problems.append((f"history[{got[0]}].steps", f"{got[1]} {kind} steps charged, config "
+                                                             f"personal.steps says {personal_steps}"))
+            elif not charged and got is not None:
+                problems.append((f"history[{got[0]}]", f"{kind} steps charged in round {r}, for which the client "
+                                                       "reported it declined personalisation"))
+    for (r, kind), (i, _) in sorted(personal.items()):
+        if r not in server.personalised:
+            problems.append((f"history[{i}]", f"{kind} steps charged in round {r}, for which the server has no "
+                                              "personalised evaluation"))
+    check("rounds", not problems, "; ".join(dict.fromkeys(f for f, _ in problems)), "; ".join(m for _, m in problems))
+
+
+def _check_device(audit: Audit, report: Mapping[str, Any], ledger_path: Path) -> None:
+    """The device's own ledger must extend the chain the server was shown."""
+    check = _Checker(audit, str(report["client_id"]))
+    if not ledger_path.exists():
+        check("device-ledger", None, "", f"no device ledger at {ledger_path}")
+        return
+    ledger, why = _read_json(ledger_path)
+    if ledger is None:
+        check("device-ledger", False, str(ledger_path), why)
+        return
+    broken = chain.problems(ledger)
+    if broken:
+        check("device-ledger", False, ", ".join(f for f, _ in broken),
+              f"{ledger_path}: " + "; ".join(f"{f} {m}" for f, m in broken))
+        return
+    hashes = [e["hash"] for e in ledger["history"]]
+    head = report["head"]
+    ok = ledger["genesis"] == report["genesis"] and (head == ledger["genesis"] or head in hashes)
+    check("device-ledger", ok, "head",
+          f"{ledger_path} does not contain the chain the server was shown (its head {head[:12]}...): "
+          "entries were removed or rewritten on the device")
+
+
+def _run_checks(audit: Audit, run_dir: Path, reports: dict[str, dict], config: Mapping[str, Any]) -> None:
+    check = _Checker(audit, "run")
+    summary, why = _read_json(run_dir / "privacy" / "summary.json")
+    if summary is None:
+        check("fields", False, "privacy/summary.json", why)
+        return
+    check("fields", True)
+    claims = sorted(r["epsilon"] for r in reports.values() if isinstance(r.get("epsilon"), (int, float)))
+    eps = summary.get("epsilon") or {}
+    agree = bool(claims) and math.isclose(eps.get("max", -1), claims[-1], rel_tol=1e-9) and math.isclose(
+        eps.get("min", -1), claims[0], rel_tol=1e-9) and summary.get("clients_reporting") == len(reports)
+    check("summary", agree, "privacy/summary.json:epsilon",
+          f"summary says {eps} over {summary.get('clients_reporting')} clients; the reports say "
+          f"min {claims[0] if claims else None}, max {claims[-1] if claims else None} over {len(reports)}")
+    target = config.get("privacy.target-epsilon")
+    mismatched = sorted(c for c, r in reports.items() if target is not None and r.get("target_epsilon") != target)
+    check("target", not mismatched and not summary.get("over_target"), "target_epsilon",
+          f"over target: {summary.get('over_target')}; target differs from config's {target}: {mismatched[:5]}")
+
+
+def audit_path(path: Path | str, tolerance: float = 0.01, state_dir: Path | str | None = None) -> Audit:
+    """Audit a run directory (its `privacy/clients/*.json`, against `metrics.jsonl`, and
+    the devices' ledgers when their state store is at hand) or a state store
+    (`*/ledger.json`) or one ledger file."""
+    path = Path(path)
+    if not path.exists():
+        raise FedllmError(f"{path} does not exist; give a run directory or a client state store")
+    reports_dir = path / "privacy" / "clients"
+    if reports_dir.is_dir():
+        return _audit_run(path, tolerance, state_dir)
+    ledgers = [path] if path.is_file() else sorted(path.glob("*/ledger.json")) or sorted(path.glob("ledger.json"))
+    if not ledgers:
+        config, _ = _read_json(path / "config.json")
+        if isinstance(config, dict) and config.get("privacy.enabled") is False:
+            raise FedllmError(f"{path} is a run without differential privacy (privacy.enabled=false): "
+                              "it makes no epsilon claim to audit")
+        raise FedllmError(f"{path} has neither privacy/clients/*.json (a private run's directory) nor "
+                          "*/ledger.json (a state store); give one of those")
+    audit = Audit(path, "state store", tolerance)
+    for ledger_path in ledgers:
+        ledger, why = _read_json(ledger_path)
+        if ledger is None:
+            _Checker(audit, ledger_path.parent.name)("fields", False, str(ledger_path), why)
+            continue
+        check_report(audit, ledger, ledger_path.parent.name)
+    return audit
+
+
+def _audit_run(run_dir: Path, tolerance: float, state_dir: Path | str | None) -> Audit:
+    from fedllm.state import safe_name
+
+    audit = Audit(run_dir, "run", tolerance)
+    config, _ = _read_json(run_dir / "config.json")
+    config = config if isinstance(config, dict) else {}
+    run_id, servers = server_records(run_dir) if (run_dir / "metrics.jsonl").exists() else ("", None)
+    if state_dir is None:
+        state_dir = config.get("privacy.state-dir") or run_dir / "clients"
+    reports: dict[str, dict] = {}
+    for report_path in sorted((run_dir / "privacy" / "clients").glob("*.json")):
+        report, why = _read_json(report_path)
+        if report is None:
+            _Checker(audit, report_path.stem)("fields", False, f"privacy/clients/{report_path.name}", why)
+            continue
+        server = servers.get(report.get("client_id"), ServerRecord()) if servers is not None else None
+        check_report(audit, report, report_path.stem, config, server, run_id)
+        if isinstance(report, dict) and audit.status(str(report.get("client_id")), "fields") == "pass":
+            reports[report["client_id"]] = report
+            _check_device(audit, report, Path(state_dir) / safe_name(report["client_id"]) / "ledger.json")
+    if servers is not None:  # a client the server accepted updates from under DP must have reported
+        for client, record in sorted(servers.items()):
+            if record.accepted and client not in reports and client not in audit.clients:
+                _Checker(audit, client)("fields", False, f"privacy/clients/{safe_name(client)}.json",
+                                        f"missing: the server accepted updates in rounds {sorted(record.accepted)}")
+    _run_checks(audit, run_dir, reports, config)
+    return audit

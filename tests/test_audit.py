@@ -1,0 +1,159 @@
+"""`fedllm audit`: the hash chain, and every check on a real private run, untouched and tampered with."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY
+from fedllm.cli import main
+from fedllm.privacy import chain
+from fedllm.privacy.audit import audit_path
+from fedllm.privacy.ledger import Ledger, LedgerError
+
+HEADER = dict(client_id="c1", num_records=40, delta=1e-5, target_epsilon=8.0, noise_multiplier=1.1, sample_rate=0.2,
+              max_grad_norm=1.0, planned_steps=20, accountant="prv", sampling="poisson", privacy_unit="record")
+ENTRIES = [dict(round=r, noise_multiplier=1.1, sample_rate=0.2, steps=5, kind="train", run="x") for r in (1, 2, 3)]
+
+
+def _ledger() -> dict:
+    genesis, history = chain.link(HEADER, ENTRIES)
+    return {**HEADER, "genesis": genesis, "history": history, "head": history[-1]["hash"]}
+
+
+def _fields(ledger: dict) -> list[str]:
+    return [f for f, _ in chain.problems(ledger)]
+
+
+def test_chain_names_what_was_changed():
+    assert chain.problems(_ledger()) == []
+    edited = _ledger()
+    edited["history"][1]["steps"] = 1
+    assert _fields(edited) == ["history[1]"]
+    deleted = _ledger()
+    del deleted["history"][1]
+    assert _fields(deleted) == ["history[1]"]
+    reordered = _ledger()
+    reordered["history"][0], reordered["history"][1] = reordered["history"][1], reordered["history"][0]
+    assert "history[0]" in _fields(reordered)
+    truncated = _ledger()
+    truncated["history"].pop()
+    assert _fields(truncated) == ["head"]
+    header = _ledger()
+    header["noise_multiplier"] = 2.0
+    assert _fields(header) == ["genesis"]
+
+
+def test_ledger_refuses_a_broken_chain_and_upgrades_version_1(tmp_path):
+    path = tmp_path / "c1" / "ledger.json"
+    ledger = Ledger.open(path, client_id="c1", num_records=40, delta=1e-5, target_epsilon=8.0, sample_rate=0.2,
+                         max_grad_norm=1.0, planned_steps=10, accountant="prv")
+    ledger.charge([ledger.next_charge(1, 5, run="r1"), ledger.next_charge(2, 5, run="r1")])
+    saved = json.loads(path.read_text())
+    assert saved["ledger_version"] == 2 and saved["head"] == saved["history"][-1]["hash"]
+    assert Ledger.load(path).history == ledger.history
+
+    saved["history"].pop(0)
+    path.write_text(json.dumps(saved))
+    with pytest.raises(LedgerError, match=r"hash chain \(history\[0\] prev_hash"):
+        Ledger.load(path)
+
+    old = {k: v for k, v in ledger.to_dict().items() if k not in ("genesis", "head")}  # as version 1 wrote it
+    old.update(ledger_version=1, history=[{k: h[k] for k in ("round", "noise_multiplier", "sample_rate", "steps",
+                                                             "kind")} for h in old["history"]])
+    path.write_text(json.dumps(old))
+    upgraded = Ledger.load(path)
+    upgraded.save()
+    assert chain.problems(json.loads(path.read_text())) == [] and len(upgraded.history) == 2
+
+
+@pytest.fixture(scope="module")
+def private_run(tmp_path_factory, cache_dir) -> Path:
+    """A private run with sampling (3 of 6 clients a round) and personalisation."""
+    from simulations.runner import load_experiment, simulate
+
+    run_dir = tmp_path_factory.mktemp("audited") / "run"
+    simulate(load_experiment(TINY, {"privacy.target-epsilon": 4.0, "personal.method": "finetune",
+                                    "personal.steps": 2}), run_dir)
+    return run_dir
+
+
+def _tampered(run: Path, tmp_path: Path, relative: str, change) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    data = json.loads((copy / relative).read_text())
+    change(data)
+    (copy / relative).write_text(json.dumps(data))
+    return copy
+
+
+def _failed(path: Path) -> set[tuple[str, str, str]]:
+    return {(f.client, f.check, f.field) for f in audit_path(path).failures}
+
+
+def test_audit_passes_a_private_run_and_writes_the_report(private_run, capsys):
+    assert main(["audit", str(private_run)]) == 0
+    out = capsys.readouterr().out
+    assert "all checks passed for" in out
+    audit = audit_path(private_run)
+    passed = {f.check for f in audit.findings if f.status == "pass"}
+    assert passed >= {"fields", "versions", "privacy-unit", "sampling", "chain", "delta", "epsilon-pld", "epsilon-rdp",
+                      "target", "rounds", "device-ledger", "summary"}
+    kinds = {e["kind"] for r in (private_run / "privacy" / "clients").glob("*.json")
+             for e in json.loads(r.read_text())["history"]}
+    assert kinds == {"train", "personal", "local-only"}  # the rounds check covered personal charges too
+    report = private_run / "audit"
+    assert (report / "epsilon_clients.png").stat().st_size > 1000 and (report / "epsilon_rounds.png").exists()
+    assert "data:image/png;base64," in (report / "report.html").read_text()
+    assert "Verdict: **PASS**" in (report / "report.md").read_text()
+    for e in audit.epsilons.values():  # the recomputation is independent and agrees
+        assert e.pld == pytest.approx(e.claimed, rel=0.01) and e.pld <= e.target * 1.01
+
+
+def test_audit_names_client_and_field_of_a_changed_number(private_run, tmp_path, capsys):
+    report = sorted((private_run / "privacy" / "clients").glob("*.json"))[0]
+    client = json.loads(report.read_text())["client_id"]
+    relative = f"privacy/clients/{report.name}"
+
+    claim = _tampered(private_run, tmp_path / "a", relative, lambda d: d.update(epsilon=d["epsilon"] * 0.9))
+    assert (client, "epsilon-pld", "epsilon") in _failed(claim)
+    assert main(["audit", str(claim)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL  client {client}  check epsilon-pld  field epsilon" in out
+
+    noise = _tampered(private_run, tmp_path / "b", relative, lambda d: d["history"][0].update(noise_multiplier=9.0))
+    assert (client, "chain", "history[0]") in _failed(noise)
+
+    delta = _tampered(private_run, tmp_path / "c", relative, lambda d: d.update(delta=0.5))
+    assert {(client, "delta", "delta"), (client, "chain", "genesis")} <= _failed(delta)
+
+
+def test_audit_detects_a_deleted_ledger_entry(private_run, tmp_path):
+    report = next(p for p in sorted((private_run / "privacy" / "clients").glob("*.json"))
+                  if len(json.loads(p.read_text())["history"]) >= 2)
+    client = json.loads(report.read_text())["client_id"]
+
+    # From the server's copy: the chain breaks and the server's metrics show the missing round.
+    first = _tampered(private_run, tmp_path / "a", f"privacy/clients/{report.name}", lambda d: d["history"].pop(0))
+    failed = _failed(first)
+    assert (client, "chain", "history[0]") in failed and (client, "rounds", "history") in failed
+
+    # From the device's own ledger, the tail removed and the head rewritten to hide it.
+    def truncate(d):
+        d["history"].pop()
+        d["head"] = d["history"][-1]["hash"]
+
+    device = _tampered(private_run, tmp_path / "b", f"clients/{report.stem}/ledger.json", truncate)
+    assert (client, "device-ledger", "head") in _failed(device)
+
+
+def test_audit_refuses_what_it_cannot_audit(tmp_path, capsys):
+    assert main(["audit", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text(json.dumps({"privacy.enabled": False}))
+    assert main(["audit", str(tmp_path / "plain")]) == 2
+    assert "without differential privacy" in capsys.readouterr().err

@@ -78,7 +78,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 def cmd_audit_canary(args: argparse.Namespace) -> int:
     canary = importlib.import_module("simulations.canary_audit")
 
-    result = canary.run(args.config, _overrides(args.assignments), args.run_dir, args.canaries, args.guesses)
+    result = canary.run(args.config, _overrides(args.assignments), args.run_dir, args.canaries, args.guesses,
+                        args.seed)
     print(canary.format_result(result))
     return 0
 
@@ -126,11 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "into an epsilon lower bound at 95%% confidence. Writes RUN_DIR/audit/canary.json.")
     _add_config_args(canary)
     canary.add_argument("--run-dir", type=Path, required=True, help="where the audited run writes its files")
-    canary.add_argument("--canaries", type=int, default=None, help="m, the number of canaries (default: "
-                                                                    "audit.canaries in the config)")
-    canary.add_argument("--guesses", type=int, default=None, help="r, guesses to make: r/2 'in' from the top "
-                                                                   "scores and r/2 'out' from the bottom (default: "
-                                                                   "audit.guesses)")
+    canary.add_argument("--canaries", type=int, default=1000, help="m, the number of canaries (1000)")
+    canary.add_argument("--guesses", type=int, default=None,
+                        help="r, guesses to make: r/2 'in' from the top scores and r/2 'out' from the bottom "
+                             "(default: m/10)")
+    canary.add_argument("--seed", type=int, default=None, help="seed of canary drawing and inclusion "
+                                                                "(default: fresh; recorded in canary.json)")
     canary.set_defaults(func=cmd_audit_canary)
 
     keys = sub.add_parser("keys", help="list every config key with its default")

@@ -8,12 +8,16 @@ from typing import Any
 from fedllm.privacy.ledger import Ledger
 
 MECHANISM = "DP-SGD: Poisson-subsampled Gaussian mechanism on clipped per-record gradients of LoRA parameters"
+COVERS = ("the adapter updates sent to the server and everything computed from them (global adapters, "
+          "checkpoints); not the plain metrics a client also sends: its record count, mean training loss and "
+          "held-out metrics")
 
 
 def client_report(ledger: Ledger, declined: str = "") -> dict[str, Any]:
     report = ledger.to_dict()
     report.update({
         "mechanism": MECHANISM,
+        "covers": COVERS,
         "epsilon": ledger.epsilon(),
         "declined": declined,
     })

@@ -8,10 +8,8 @@ real one, and clients never learn which records are canaries.
 The adversary is the one the record-level guarantee is stated against: whoever sees
 what a device sends. An observer wrapped around the real ClientApp keeps each train
 reply's adapter delta exactly as it leaves the device (`audit/updates/`), with the
-global adapter it answered. A canary's score is the sum, over its client's updates, of
-its loss under the global adapter minus its loss under global + delta; scores are
-centred per client (half a client's canaries are out, on average, so what every
-update teaches about canaries in general cancels).
+global adapter it answered. A canary's score is how much its loss falls under its own
+client's updates beyond how much it falls under other clients' updates (see `score`).
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ def _keep_update(msg: Message, reply: Message) -> None:
     config = msg.content["config"]
     folder = Path(str(config["run-dir"])) / "audit" / "updates" / f"round-{int(config['server-round'])}"
     client = safe_name(str(reply.content["client"]["client-id"]))
-    atomic.write_bytes(folder / f"{client}.safetensors",
+    atomic.write_bytes(folder / "deltas" / f"{client}.safetensors",
                        _tensor_bytes(reply.content["arrays"].to_torch_state_dict()))
     if not (folder / "global.safetensors").exists():
         atomic.write_bytes(folder / "global.safetensors",
@@ -114,8 +112,13 @@ def write_canary_data(config, folder: Path, m: int, seed: int) -> list[dict[str,
 
 
 def score(run_dir: Path, config, canaries: list[dict[str, Any]]) -> tuple[list[float], list[int]]:
-    """(score, updates scored) per canary: summed loss drops over its client's updates,
-    centred on the median of that client's canaries."""
+    """(score, updates scored) per canary.
+
+    Per round: how much the canary's loss fell under its own client's update, minus how
+    much it fell, on average, under the other clients' updates of that round (they never
+    held it: that is what any update teaches about a canary like it). Summed over the
+    client's updates, then centred on the median of that client's canaries.
+    """
     from safetensors.torch import load_file
 
     from fedllm.data.tokens import encode
@@ -132,15 +135,16 @@ def score(run_dir: Path, config, canaries: list[dict[str, Any]]) -> tuple[list[f
         global_state = load_file(folder / "global.safetensors")
         load_adapter_state(model, global_state)
         before = record_losses(model, examples, tokenizer.pad_token_id)
-        for update in sorted(folder.glob("*.safetensors")):
-            mine = by_client.get(update.stem) if update.stem != "global" else None
-            if not mine:
-                continue
+        drops: dict[str, list[float]] = {}
+        for update in sorted((folder / "deltas").glob("*.safetensors")):
             delta = load_file(update)
             load_adapter_state(model, {k: global_state[k] + delta[k] for k in global_state})
-            after = record_losses(model, [examples[i] for i in mine], tokenizer.pad_token_id)
-            for i, loss in zip(mine, after):
-                raw[i] += before[i] - loss
+            after = record_losses(model, examples, tokenizer.pad_token_id)
+            drops[update.stem] = [b - a for b, a in zip(before, after)]
+        for client, drop in drops.items():
+            others = [d for other, d in drops.items() if other != client]
+            for i in by_client.get(client, []):
+                raw[i] += drop[i] - (statistics.fmean(d[i] for d in others) if others else 0.0)
                 updates[i] += 1
     scores = list(raw)
     for mine in by_client.values():
@@ -178,8 +182,9 @@ def run(config_path: Path | None, overrides: dict[str, Any], run_dir: Path, m: i
                                                                               delta, CONFIDENCE),
         "confidence": CONFIDENCE, "delta": delta, "included": sum(c["included"] for c in canaries),
         "privacy_enabled": audited.privacy.enabled, "seed": seed,
-        "scored_on": "each update the canary's client sent (loss under the global adapter minus loss under "
-                     "global + delta), summed over its updates, centred on the median of its client's canaries",
+        "scored_on": "each update the canary's client sent: loss under the global adapter minus loss under "
+                     "global + delta, less the same drop averaged over the round's other updates; summed over "
+                     "its client's updates, centred on the median of its client's canaries",
         "canaries": [{**c, "score": s, "updates": u, "guess": g}
                      for c, s, u, g in zip(canaries, scores, updates, guesses.guess)],
     }

@@ -157,3 +157,54 @@ def test_audit_refuses_what_it_cannot_audit(tmp_path, capsys):
     (tmp_path / "plain" / "config.json").write_text(json.dumps({"privacy.enabled": False}))
     assert main(["audit", str(tmp_path / "plain")]) == 2
     assert "without differential privacy" in capsys.readouterr().err
+
+
+# -- the empirical one-run audit ---------------------------------------------------------------
+def test_lower_bound_matches_the_closed_form_and_is_monotone():
+    import math
+
+    from fedllm.privacy.canary import epsilon_lower_bound, p_value
+
+    # All r guesses right, delta = 0: P = q^r, so the bound is logit(0.05 ** (1 / r)).
+    for r in (20, 100):
+        q = 0.05 ** (1 / r)
+        assert epsilon_lower_bound(1000, r, r, 0.0) == pytest.approx(math.log(q / (1 - q)), rel=1e-6)
+    assert epsilon_lower_bound(1000, 100, 50, 1e-5) == 0.0  # chance level proves nothing
+    bounds = [epsilon_lower_bound(1000, 100, v, 1e-5) for v in (60, 70, 80, 90, 100)]
+    assert bounds == sorted(bounds) and bounds[-1] > 3
+    assert epsilon_lower_bound(1000, 100, 100, 1e-3) < epsilon_lower_bound(1000, 100, 100, 0.0)  # delta costs
+    assert p_value(10, 4, 4, 0.0, 0.0) == pytest.approx(1 / 16)
+
+
+def test_guesses_take_the_extremes():
+    from fedllm.privacy.canary import guess
+
+    g = guess([0.9, -1.0, 0.1, 2.0, -0.5, 0.0], [True, False, True, False, False, True], 4)
+    assert g.guess == [1, -1, 0, 1, -1, 0] and g.made == 4 and g.correct == 3
+    with pytest.raises(ValueError, match="even number"):
+        guess([0.0, 1.0, 2.0], [True, False, True], 3)
+
+
+def test_canary_audit_end_to_end(tmp_path, cache_dir, capsys):
+    from fedllm.data.corpus import clients_from_folder
+
+    run_dir = tmp_path / "canary"
+    assert main(["audit", "canary", "--config", str(TINY), "--run-dir", str(run_dir), "--canaries", "60",
+                 "--guesses", "20", "--seed", "3", "--set", "num-server-rounds=1"]) == 0
+    assert "epsilon lower bound at 95% confidence" in capsys.readouterr().out
+    result = json.loads((run_dir / "audit" / "canary.json").read_text())
+    assert result["m"] == 60 and result["guesses"] == 20 and 0 <= result["correct"] <= 20
+    assert result["claimed_epsilon"] is not None and result["epsilon_lower_bound"] <= result["claimed_epsilon"]
+    canaries = result["canaries"]
+    assert sum(c["guess"] != 0 for c in canaries) == 20
+    assert result["correct"] == sum((c["guess"] == 1) == c["included"] for c in canaries if c["guess"])
+    # Included canaries are training records of their client, excluded ones are nowhere.
+    train = {c.client_id: set(c.train) for c in clients_from_folder(run_dir / "audit" / "data", 1, 0.2)}
+    everything = {t for f in (run_dir / "audit" / "data").glob("*.jsonl") for t in f.read_text().splitlines()}
+    for c in canaries:
+        assert (c["text"] in train[c["client"]]) == c["included"]
+        assert c["included"] or json.dumps({"text": c["text"]}) not in everything
+    # What was scored is what left the devices: one delta per accepted update, and the global it answered.
+    sent = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])["train"]["clients"]
+    kept = sorted(p.stem for p in (run_dir / "audit" / "updates" / "round-1" / "deltas").glob("*.safetensors"))
+    assert kept == sorted(sent) and (run_dir / "audit" / "updates" / "round-1" / "global.safetensors").exists()

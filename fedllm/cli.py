@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         "audit-canary", help=argparse.SUPPRESS, prog="fedllm audit canary",
         description="Empirical privacy audit in one training run (Steinke, Nasr, Jagielski 2023): insert canary "
                     "records, train as configured, guess which canaries were included, and turn the guesses "
-                    "into an epsilon lower bound at 95%% confidence. Writes RUN_DIR/audit/canary.json.")
+                    "into an epsilon lower bound at 95% confidence. Writes RUN_DIR/audit/canary.json.")
     _add_config_args(canary)
     canary.add_argument("--run-dir", type=Path, required=True, help="where the audited run writes its files")
     canary.add_argument("--canaries", type=int, default=1000, help="m, the number of canaries (1000)")

@@ -164,6 +164,9 @@ def run(config_path: Path | None, overrides: dict[str, Any], run_dir: Path, m: i
     if not 2 <= r <= m or r % 2:
         raise ConfigError(f"--guesses={r}: give an even number between 2 and --canaries ({m})")
     run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"--run-dir {run_dir} is not empty; a canary audit needs a fresh run directory "
+                          "(updates of an earlier run would be scored with this one's)")
     seed = secrets.randbits(32) if seed is None else seed
     config = load_experiment(config_path, {**overrides, "run-dir": str(run_dir)})
     data = run_dir / "audit" / "data"

@@ -103,11 +103,12 @@ def _plots(audit: Audit, out: Path) -> list[Path]:
         series = eps[c].by_round
         rounds = [r for r, _ in series]
         x = rounds if rounds == sorted(rounds) else list(range(1, len(series) + 1))
-        ax.step(x, [v for _, v in series], where="post", color="#3182bd", alpha=0.35, lw=1)
+        ax.step([0, *x], [0.0, *(v for _, v in series)], where="post", color="#3182bd", alpha=0.35, lw=1)
     for t in targets:
         ax.axhline(t, color="grey", ls="--", lw=1)
     ax.set_xlabel("round (ledger entries; personalisation is charged in the last round)")
     ax.set_ylabel("epsilon spent (PLD)")
+    ax.set_ylim(bottom=0)
     ax.set_title("Epsilon over rounds, one line per client")
     fig.tight_layout()
     paths.append(out / "epsilon_rounds.png")

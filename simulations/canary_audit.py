@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 
 from fedllm import atomic
 from fedllm.errors import ConfigError
+from fedllm.personal import load_state, save_state
 from fedllm.privacy.canary import epsilon_lower_bound, guess, make_canaries, record_losses
 from fedllm.state import safe_name
 
@@ -40,17 +41,9 @@ def _keep_update(msg: Message, reply: Message) -> None:
     config = msg.content["config"]
     folder = Path(str(config["run-dir"])) / "audit" / "updates" / f"round-{int(config['server-round'])}"
     client = safe_name(str(reply.content["client"]["client-id"]))
-    atomic.write_bytes(folder / "deltas" / f"{client}.safetensors",
-                       _tensor_bytes(reply.content["arrays"].to_torch_state_dict()))
+    save_state(folder / "deltas" / f"{client}.safetensors", reply.content["arrays"].to_torch_state_dict())
     if not (folder / "global.safetensors").exists():
-        atomic.write_bytes(folder / "global.safetensors",
-                           _tensor_bytes(msg.content["arrays"].to_torch_state_dict()))
-
-
-def _tensor_bytes(state) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.contiguous() for k, v in state.items()})
+        save_state(folder / "global.safetensors", msg.content["arrays"].to_torch_state_dict())
 
 
 @observer.train()
@@ -119,8 +112,6 @@ def score(run_dir: Path, config, canaries: list[dict[str, Any]]) -> tuple[list[f
     held it: that is what any update teaches about a canary like it). Summed over the
     client's updates, then centred on the median of that client's canaries.
     """
-    from safetensors.torch import load_file
-
     from fedllm.data.tokens import encode
     from fedllm.model import attach_lora, load_adapter_state, load_base, resolve_base
 
@@ -132,12 +123,12 @@ def score(run_dir: Path, config, canaries: list[dict[str, Any]]) -> tuple[list[f
         by_client.setdefault(safe_name(c["client"]), []).append(c["index"])
     raw, updates = [0.0] * len(canaries), [0] * len(canaries)
     for folder in sorted((run_dir / "audit" / "updates").glob("round-*")):
-        global_state = load_file(folder / "global.safetensors")
+        global_state = load_state(folder / "global.safetensors")
         load_adapter_state(model, global_state)
         before = record_losses(model, examples, tokenizer.pad_token_id)
         drops: dict[str, list[float]] = {}
         for update in sorted((folder / "deltas").glob("*.safetensors")):
-            delta = load_file(update)
+            delta = load_state(update)
             load_adapter_state(model, {k: global_state[k] + delta[k] for k in global_state})
             after = record_losses(model, examples, tokenizer.pad_token_id)
             drops[update.stem] = [b - a for b, a in zip(before, after)]

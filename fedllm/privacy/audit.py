@@ -375,7 +375,12 @@ def _audit_run(run_dir: Path, tolerance: float, state_dir: Path | str | None) ->
     audit = Audit(run_dir, "run", tolerance)
     config, _ = _read_json(run_dir / "config.json")
     config = config if isinstance(config, dict) else {}
-    run_id, servers = server_records(run_dir) if (run_dir / "metrics.jsonl").exists() else ("", None)
+    run_id, servers = "", None
+    if (run_dir / "metrics.jsonl").exists():
+        try:
+            run_id, servers = server_records(run_dir)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            _Checker(audit, "run")("fields", False, "metrics.jsonl", f"unreadable ({exc!r}); rounds not checked")
     if state_dir is None:
         state_dir = config.get("privacy.state-dir") or run_dir / "clients"
     reports: dict[str, dict] = {}

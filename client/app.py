@@ -18,18 +18,25 @@ from fedllm.config import KEYS, Config
 app = ClientApp()
 
 
-def _config(msg: Message) -> tuple[Config, ConfigRecord]:
+def _config(msg: Message, context: Context) -> tuple[Config, ConfigRecord]:
     record = msg.content["config"]
-    return Config.from_flat({k: v for k, v in record.items() if k in KEYS}), record
+    config = Config.from_flat({k: v for k, v in record.items() if k in KEYS})
+    if "state-dir" in context.node_config:  # a real device keeps its state where its operator says
+        config = config.with_values({"privacy.state-dir": str(context.node_config["state-dir"])})
+    return config, record
 
 
-def _partition(context: Context) -> int:
+def _partition(context: Context):
+    """Which client this node is: a device's own data (`data-path` in its node config),
+    or a partition of the run's clients (simulation)."""
+    if "data-path" in context.node_config:
+        return dict(context.node_config)
     return int(context.node_config["partition-id"])
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    config, record = _config(msg)
+    config, record = _config(msg, context)
     global_state = msg.content["arrays"].to_torch_state_dict()
     update = train_client(
         config, _partition(context), global_state, int(record["server-round"]),
@@ -51,7 +58,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Held-out metrics of the global adapter; when asked (after the last round), also of
     this device's personalised adapter and of its local-only baseline."""
-    config, record = _config(msg)
+    config, record = _config(msg, context)
     global_state = msg.content["arrays"].to_torch_state_dict()
     data, metrics = evaluate_client(config, _partition(context), global_state)
     report = None
@@ -70,7 +77,7 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Who is this node? Lets the server sample and evaluate by client, reproducibly."""
-    config, _ = _config(msg)
+    config, _ = _config(msg, context)
     data = client_data(config, _partition(context))
     content = RecordDict({"metrics": MetricRecord({"num-records": data.num_records, "num-heldout": len(data.heldout)}),
                           "client": ConfigRecord({"client-id": data.client_id})})

@@ -8,7 +8,10 @@ so this module-level cache turns "load the model per client" into "once per work
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,7 +45,15 @@ def worker_for(config: Config) -> Worker:
     return _WORKERS[key]
 
 
-def client_data(config: Config, partition_id: int) -> ClientData:
+def client_data(config: Config, partition_id: int | Mapping[str, Any]) -> ClientData:
+    """This node's client: partition `partition_id` of the run's clients (simulation), or,
+    given a device's node config, the records in its `data-path`."""
+    if isinstance(partition_id, Mapping):
+        from fedllm.data.corpus import device_client
+
+        node = partition_id
+        return device_client(Path(str(node["data-path"])), str(node.get("client-id", "")),
+                             config.data.min_records, config.data.holdout_fraction)
     clients = load_clients(config)
     if not 0 <= partition_id < len(clients):
         raise ValueError(f"partition-id {partition_id} outside 0..{len(clients) - 1}")

@@ -31,6 +31,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     # `simulations/` wires Flower's engine to `server/` and `client/`; import it only here.
     runner = importlib.import_module("simulations.runner")
+    from fedllm.plots import format_summary
     from fedllm.rundir import default_run_dir
 
     overrides = _overrides(args.assignments)
@@ -43,7 +44,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"{config.num_server_rounds} rounds -> {run_dir}", flush=True)
     summary = runner.simulate(config, run_dir)
     print()
-    print(runner.format_summary(summary))
+    print(format_summary(summary))
     print(f"\nrun directory: {run_dir}")
     return 0
 

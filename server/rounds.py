@@ -23,6 +23,7 @@ from fedllm import atomic
 from fedllm.config import Config
 from fedllm.errors import FedllmError
 from fedllm.evaluate import METRICS, SUMMARY_METRICS
+from fedllm.plots import finish, format_summary
 from fedllm.model import adapter_state, attach_lora, base_model_bytes, load_base, resolve_base, save_adapter
 from fedllm.privacy.report import summarize
 from fedllm.rundir import RunDir
@@ -264,4 +265,6 @@ class Rounds:
 
 
 def run_server(grid: Grid, config: Config, run_dir: Path) -> dict[str, Any]:
-    return Rounds(grid, config, run_dir).run_all()
+    summary = Rounds(grid, config, run_dir).run_all()
+    finish(run_dir, format_summary(summary))  # summary.txt and plots, as in every run directory
+    return summary

@@ -108,6 +108,25 @@ def clients_from_folder(folder: Path, min_records: int, holdout_fraction: float)
     return clients
 
 
+def device_client(path: Path, client_id: str, min_records: int, holdout_fraction: float) -> ClientData:
+    """A real device's own data: one .txt/.jsonl file, or a folder holding exactly one."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".txt", ".jsonl") and p.is_file())
+        if len(files) != 1:
+            raise DataError(f"data-path={path} holds {len(files)} .txt/.jsonl files; a device needs exactly one "
+                            "(or give the file itself)")
+        path = files[0]
+    if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
+        raise DataError(f"data-path={path} is not a .txt or .jsonl file (one record per line)")
+    records = _read_records(path)
+    if len(records) < min_records:
+        raise DataError(f"{path} has {len(records)} records; data.min-records={min_records} are needed "
+                        "to train (and hold some out)")
+    train, heldout = holdout_split(records, holdout_fraction)
+    return ClientData(client_id or path.stem, train, heldout)
+
+
 def select_clients(eligible: list[ClientData], num_clients: int, seed: int, min_records: int) -> list[ClientData]:
     """A seeded choice of `num_clients` clients, in a stable order (partition i = entry i)."""
     if num_clients > len(eligible):

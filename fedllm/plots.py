@@ -1,4 +1,5 @@
-"""Plots and the summary table written into a run directory after a simulation."""
+"""The summary table and plots the server writes into a run directory when a run ends
+(simulated or deployed alike)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,47 @@ def finish(run_dir: Path, table: str) -> dict[str, Any]:
     plot_rounds(run)
     plot_personalisation(run)
     return run.summary()
+
+
+def privacy_line(privacy: dict[str, Any]) -> str:
+    if not privacy.get("enabled"):
+        return "privacy                 off (no differential privacy)"
+    eps = privacy.get("epsilon")
+    if not eps:
+        return "privacy                 record-level DP on; no client reported"
+    return (f"privacy                 record-level DP, epsilon min/median/max {eps['min']:.2f}/"
+            f"{eps['median']:.2f}/{eps['max']:.2f} (target {privacy['target_epsilon']:g}, delta "
+            f"{privacy['delta']:g}); {privacy['declines']} declines by {len(privacy['declined'])} clients")
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    base, glob = summary["base"], summary["global"]
+    rows = [
+        ("", "base", "global"),
+        ("held-out perplexity", f"{base['perplexity']:.2f}", f"{glob['perplexity']:.2f}"),
+        ("held-out loss", f"{base['loss']:.4f}", f"{glob['loss']:.4f}"),
+        ("next-token top-1", f"{base['top1']:.3f}", f"{glob['top1']:.3f}"),
+        ("next-token top-3", f"{base['top3']:.3f}", f"{glob['top3']:.3f}"),
+    ]
+    if "personalised" in summary:
+        pers, loc = summary["personalised"], summary["local_only"]
+        rows = [(*r, *extra) for r, extra in zip(rows, [
+            ("local-only", "personalised"), (f"{loc['perplexity']:.2f}", f"{pers['perplexity']:.2f}"),
+            (f"{loc['loss']:.4f}", f"{pers['loss']:.4f}"), (f"{loc['top1']:.3f}", f"{pers['top1']:.3f}"),
+            (f"{loc['top3']:.3f}", f"{pers['top3']:.3f}")])]
+    lines = ["".join([f"{r[0]:<22}", *(f"{x:>14}" for x in r[1:])]) for r in rows]
+    if "personalised" in summary:
+        p = summary["personalisation"]
+        lines.append(f"personalisation '{p['method']}' beats global on {100 * p['beats_global_fraction']:.0f}% "
+                     f"of {p['clients']} clients ({p['declined']} declined for budget)")
+    up, full = summary["upload_bytes_per_client_round"], summary["base_model_bytes"]
+    lines += [
+        "",
+        f"clients evaluated       {len(summary['evaluated_clients'])} (same clients for base and global)",
+        f"upload per client/round {up / 1024:.1f} KiB of adapter deltas = {100 * up / full:.2f}% "
+        f"of the base model ({full / 2**20:.1f} MiB)",
+        f"rejected replies        {summary['rejected_replies']}",
+        privacy_line(summary.get("privacy", {})),
+        f"rounds                  {summary['rounds']}, {summary['wall_seconds']:.0f}s",
+    ]
+    return "\n".join(lines)

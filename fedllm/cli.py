@@ -4,6 +4,9 @@
     fedllm base build [--config FILE] [--set KEY=VALUE ...]
     fedllm audit RUN_DIR | STATE_STORE [--tolerance T] [--state-dir DIR] [--out DIR]
     fedllm audit canary [--config FILE] [--set KEY=VALUE ...] --run-dir DIR [--canaries M] [--guesses R]
+    fedllm certs DIR [--nodes N] [--host HOST ...]
+    fedllm server --certs DIR | --ca-cert F --cert F --key F  --nodes DIR --run-dir DIR [--config FILE] [--set ...]
+    fedllm client --superlink HOST:PORT --ca-cert F --key F --data PATH --state-dir DIR
     fedllm keys
 """
 
@@ -85,6 +88,61 @@ def cmd_audit_canary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedllm.deploy.certs import make_certs
+
+    made = make_certs(args.dir, args.nodes, args.host or ["127.0.0.1", "localhost"])
+    d = args.dir
+    print(f"CA: {made['ca']}  server: {made['server_cert']}, {made['server_key']}")
+    print(f"node keys: {', '.join(str(v) for k, v in made.items() if k.startswith('node-'))} (+ .pub)")
+    print(f"""
+Try it on one machine, in three terminals (add more devices with more node keys):
+
+  fedllm server --certs {d} --nodes {d}/nodes --run-dir runs/fleet --set num-clients=2 --config simulations/tiny.toml
+  fedllm client --superlink 127.0.0.1:9093 --ca-cert {d}/ca.crt --key {d}/nodes/node-1 --data DEVICE1.jsonl --state-dir state/node-1 --port 9101
+  fedllm client --superlink 127.0.0.1:9093 --ca-cert {d}/ca.crt --key {d}/nodes/node-2 --data DEVICE2.jsonl --state-dir state/node-2 --port 9102
+
+`fedllm server` registers every {d}/nodes/*.pub with the SuperLink (Flower's `flwr supernode register`);
+a node whose public key is not registered is refused. Give each device only its own private key and ca.crt.""")
+    return 0
+
+
+def _server_files(args: argparse.Namespace) -> tuple[Path | None, Path | None, Path | None]:
+    certs = args.certs
+    return (args.ca_cert or (certs / "ca.crt" if certs else None), args.cert or (certs / "server.pem" if certs else None),
+            args.key or (certs / "server.key" if certs else None))
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from fedllm.deploy.server import node_keys, serve
+    from fedllm.plots import format_summary
+
+    values = load_toml(args.config) if args.config else {}
+    values.update(_overrides(args.assignments))
+    devices = len(node_keys(args.nodes))
+    values.setdefault("num-clients", devices)  # by default, every registered device takes part
+    values.setdefault("clients-per-round", min(int(values["num-clients"]), Config().clients_per_round))
+    config = Config.from_flat(values)
+    if config.num_clients > devices:
+        raise FedllmError(f"num-clients={config.num_clients} but {args.nodes} holds {devices} node keys: the run "
+                          f"would wait for devices that cannot join; use --set num-clients={devices} or add keys")
+    ca_cert, cert, key = _server_files(args)
+    summary = serve(config, args.run_dir, ca_cert=ca_cert, cert=cert, key=key, nodes=args.nodes, host=args.host,
+                    port=args.port)
+    print()
+    print(format_summary(summary))
+    print(f"\nrun directory: {args.run_dir}")
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from fedllm.deploy.daemon import run_daemon
+
+    run_daemon(superlink=args.superlink, ca_cert=args.ca_cert, key=args.key, data=args.data,
+               state_dir=args.state_dir, client_id=args.client_id, port=args.port)
+    return 0  # not reached: the daemon became the SuperNode
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     for key, default, note in describe_keys():
         print(f"{key:<28} {default!r:<12} {note}")
@@ -135,6 +193,40 @@ def build_parser() -> argparse.ArgumentParser:
     canary.add_argument("--seed", type=int, default=None, help="seed of canary drawing and inclusion "
                                                                 "(default: fresh; recorded in canary.json)")
     canary.set_defaults(func=cmd_audit_canary)
+
+    certs = sub.add_parser("certs", help="make a CA, a server certificate and node key pairs for trying a "
+                                         "deployment")
+    certs.add_argument("dir", type=Path, help="where to write them (must not hold a CA already)")
+    certs.add_argument("--nodes", type=int, default=3, help="node key pairs to make (3)")
+    certs.add_argument("--host", action="append", help="a name or IP address the server is reached at; repeatable "
+                                                      "(default: 127.0.0.1 and localhost)")
+    certs.set_defaults(func=cmd_certs)
+
+    server = sub.add_parser("server", help="run the federation's server: a SuperLink (TLS, node authentication) "
+                                           "and the fedllm ServerApp")
+    _add_config_args(server)
+    server.add_argument("--certs", type=Path, help="a directory made by `fedllm certs` (ca.crt, server.pem, "
+                                                   "server.key)")
+    server.add_argument("--ca-cert", type=Path, help="CA certificate (default: CERTS/ca.crt)")
+    server.add_argument("--cert", type=Path, help="server certificate (default: CERTS/server.pem)")
+    server.add_argument("--key", type=Path, help="server private key (default: CERTS/server.key)")
+    server.add_argument("--nodes", type=Path, required=True, help="directory of the devices' *.pub keys to register")
+    server.add_argument("--run-dir", type=Path, required=True, help="the run directory")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0 for all)")
+    server.add_argument("--port", type=int, default=9093, help="the SuperLink's port (9093)")
+    server.set_defaults(func=cmd_server)
+
+    client = sub.add_parser("client", help="the device daemon: a SuperNode running fedllm on this device's data")
+    client.add_argument("--superlink", required=True, help="the server's address, host:port")
+    client.add_argument("--ca-cert", type=Path, required=True, help="the CA certificate that signed the server's")
+    client.add_argument("--key", type=Path, required=True, help="this device's private node key (registered)")
+    client.add_argument("--data", type=Path, required=True, help="this device's records: a .txt/.jsonl file, or a "
+                                                                 "folder holding one")
+    client.add_argument("--state-dir", type=Path, required=True, help="where the ledger and personal adapters live")
+    client.add_argument("--client-id", default="", help="name of this client (default: the data file's name)")
+    client.add_argument("--port", type=int, default=9094, help="local port for the ClientApp process (9094; "
+                                                               "distinct per daemon on one machine)")
+    client.set_defaults(func=cmd_client)
 
     keys = sub.add_parser("keys", help="list every config key with its default")
     keys.set_defaults(func=cmd_keys)

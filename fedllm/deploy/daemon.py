@@ -1,0 +1,44 @@
+"""`fedllm client`: the device daemon, a Flower SuperNode running the fedllm ClientApp
+on this device's own data, with its state store, key and the server's CA certificate.
+
+The daemon *becomes* the SuperNode (exec): signals reach it directly, and a restart is
+a new daemon on the same state store. Everything that must survive (ledger, personal
+adapters) is written atomically to `--state-dir` by the ClientApp, which Flower runs in
+a fresh process per message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from fedllm.deploy import processes
+from fedllm.errors import FedllmError
+
+
+def supernode_command(*, superlink: str, ca_cert: Path, key: Path, data: Path, state_dir: Path,
+                      client_id: str = "", port: int = 9094) -> list[str]:
+    from fedllm.data.corpus import device_client
+
+    ca_cert = processes.require_file(ca_cert, "server CA certificate", "--ca-cert")
+    key = processes.require_file(key, "node private key", "--key")
+    if ":" not in superlink:
+        raise FedllmError(f"--superlink {superlink}: give host:port, e.g. 127.0.0.1:9093")
+    data = Path(data).resolve()
+    device = device_client(data, client_id, 1, 0.2)  # readable, here and now, not at the first round
+    state_dir = Path(state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    node_config = {"data-path": str(data), "state-dir": str(state_dir)}
+    if client_id:
+        node_config["client-id"] = client_id
+    print(f"device {device.client_id}: {device.num_records} training records from {data}; state in {state_dir}",
+          flush=True)
+    return ["flower-supernode", "--superlink", superlink, "--root-certificates", str(ca_cert),
+            "--auth-supernode-private-key", str(key), "--port", str(port),
+            "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())]
+
+
+def run_daemon(**kwargs) -> None:
+    command = supernode_command(**kwargs)
+    os.execvpe(command[0], command, processes.environment())

@@ -1,0 +1,90 @@
+"""`fedllm server`: a SuperLink with TLS and SuperNode authentication, the devices' keys
+registered, and the fedllm ServerApp run on it with `flwr run`.
+
+The run directory has the same shape as a simulation's; the SuperLink's own state
+(`superlink.db`), log and the `flwr` CLI's connection (`.flwr/`) live beside it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from fedllm.config import Config
+from fedllm.deploy import processes
+from fedllm.errors import FedllmError
+
+
+def app_dir() -> Path:
+    """The project holding the Flower app (`[tool.flwr.app]` in its pyproject.toml)."""
+    spec = importlib.util.find_spec("server")
+    root = Path(spec.origin).resolve().parents[1] if spec and spec.origin else None
+    if root is None or "[tool.flwr.app]" not in (root / "pyproject.toml").read_text(errors="ignore"):
+        raise FedllmError("cannot find fedllm's Flower app (pyproject.toml with [tool.flwr.app]); run `fedllm server` "
+                          "from an installation of the repository (`pip install -e .`)")
+    return root
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def write_run_config(config: Config, path: Path) -> Path:
+    """Every key, flat, as `flwr run --run-config FILE` takes them."""
+    path.write_text("".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in config.to_flat().items()))
+    return path
+
+
+def node_keys(nodes: Path) -> list[Path]:
+    keys = sorted(Path(nodes).glob("*.pub")) if Path(nodes).is_dir() else []
+    if not keys:
+        raise FedllmError(f"--nodes {nodes}: no *.pub node public keys found (make some with `fedllm certs DIR`)")
+    return keys
+
+
+def serve(config: Config, run_dir: Path, *, ca_cert: Path, cert: Path, key: Path, nodes: Path,
+          host: str = "127.0.0.1", port: int = 9093) -> dict:
+    """Start the SuperLink, register `nodes`/*.pub, run the ServerApp to the end; the summary."""
+    ca_cert = processes.require_file(ca_cert, "CA certificate", "--ca-cert")
+    cert = processes.require_file(cert, "server certificate", "--cert")
+    key = processes.require_file(key, "server private key", "--key")
+    keys = node_keys(nodes)
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flwr_home = run_dir / ".flwr"
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    processes.write_connection(flwr_home, f"{local}:{port}", ca_cert)
+    log = run_dir / "superlink.log"
+    superlink = processes.start_superlink(host=host, port=port, ca_cert=ca_cert, cert=cert, key=key,
+                                          database=run_dir / "superlink.db", log=log, flwr_home=flwr_home)
+    try:
+        processes.wait_for_port(local, port, 60, superlink, log)
+        for public in keys:
+            node_id = processes.register_node(public, flwr_home)
+            print(f"node key {public.name}: " + (f"registered as node {node_id}" if node_id else "already registered"),
+                  flush=True)
+        run_config = write_run_config(config.with_values({"run-dir": str(run_dir)}), run_dir / "run-config.toml")
+        print(f"SuperLink on {host}:{port} (TLS, node authentication); waiting for {config.num_clients} devices",
+              flush=True)
+        done = subprocess.run(["flwr", "run", str(app_dir()), processes.CONNECTION, "--run-config", str(run_config),
+                               "--stream"], env=processes.environment(flwr_home))
+        summary = run_dir / "summary.json"
+        if not summary.exists():
+            raise FedllmError(f"the run ended (flwr run exit status {done.returncode}) without {summary}; "
+                              f"see {log} and the output above")
+        return json.loads(summary.read_text())
+    finally:
+        if superlink.poll() is None:
+            os.killpg(superlink.pid, signal.SIGTERM)
+            try:
+                superlink.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(superlink.pid, signal.SIGKILL)

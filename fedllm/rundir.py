@@ -3,7 +3,9 @@
     config.json          resolved configuration (flat dotted keys)
     metrics.jsonl        one object per round (round 0: the base, before training)
     summary.json         final figures (base vs global, upload bytes, ...)
-    checkpoints/round-N  global adapter after round N (round-0: the initial one), a PEFT adapter directory
+    checkpoints/round-N  global adapter after round N (round-0: the initial one), a PEFT adapter directory,
+                         with what a restarted server resumes from (global.safetensors, strategy.pkl,
+                         server-state.json); checkpoints/latest.json names the last completed round
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ class RunDir:
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         atomic.append_line(self.metrics_file, record)
+
+    def keep_metrics_through(self, server_round: int) -> None:
+        """Drop metrics lines of rounds after `server_round` (a resumed run redoes them)."""
+        kept = [m for m in self.metrics() if int(m["round"]) <= server_round]
+        atomic.write_bytes(self.metrics_file, "".join(json.dumps(m, sort_keys=True) + "\n" for m in kept).encode())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic.write_json(self.summary_file, summary)

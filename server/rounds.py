@@ -7,7 +7,9 @@ strategy's `configure_train` / `aggregate_train` itself, one round at a time.
 
 from __future__ import annotations
 
+import json
 import logging
+import pickle
 import statistics
 import time
 import uuid
@@ -23,6 +25,7 @@ from fedllm import atomic
 from fedllm.config import Config
 from fedllm.errors import FedllmError
 from fedllm.evaluate import METRICS, SUMMARY_METRICS
+from fedllm.personal import load_state, save_state
 from fedllm.plots import finish, format_summary
 from fedllm.model import adapter_state, attach_lora, base_model_bytes, load_base, resolve_base, save_adapter
 from fedllm.privacy.report import summarize
@@ -193,6 +196,37 @@ class Rounds:
         save_adapter(self.model, _to_state(self.arrays), path)
         return path
 
+    # -- resume --------------------------------------------------------------------------
+    def save_server_state(self, server_round: int, strategy) -> None:
+        """After a completed round (its metrics line written): what a restarted server
+        needs to go on from the next one. `latest.json` is written last, atomically."""
+        path = self.run.checkpoint(server_round)
+        save_state(path / "global.safetensors", _to_state(self.arrays))
+        atomic.write_bytes(path / "strategy.pkl", pickle.dumps(strategy))
+        atomic.write_json(path / "server-state.json", {
+            "round": server_round, "run_id": self.run_id, "declined": self.declined, "rejected": self.rejected,
+            "upload": self.upload})
+        atomic.write_json(self.run.path / "checkpoints" / "latest.json", {"round": server_round})
+
+    def resume(self, strategy):
+        """(last completed round, strategy) from the run directory; (0, strategy) when new."""
+        latest = self.run.path / "checkpoints" / "latest.json"
+        if not latest.exists():
+            return 0, strategy
+        done = int(json.loads(latest.read_text())["round"])
+        path = self.run.checkpoint(done)
+        state = json.loads((path / "server-state.json").read_text())
+        self.arrays = ArrayRecord(load_state(path / "global.safetensors"))
+        strategy = pickle.loads((path / "strategy.pkl").read_bytes())
+        self.run_id, self.declined = state["run_id"], state["declined"]
+        self.rejected, self.upload = state["rejected"], state["upload"]
+        for report in sorted((self.run.path / "privacy" / "clients").glob("*.json")):
+            data = json.loads(report.read_text())
+            self.privacy_reports[data["client_id"]] = data
+        self.run.keep_metrics_through(done)  # a round cut short by the crash is run again
+        log.warning("resuming run %s after round %d of %d", self.run_id, done, self.config.num_server_rounds)
+        return done, strategy
+
     def run_all(self) -> dict[str, Any]:
         config, started = self.config, time.time()
         self.run.write_config(config)
@@ -205,13 +239,20 @@ class Rounds:
         self.node_client = {node: client for client, node in clients.items()}
         sampler = ClientSampler(clients, config.seed)
         eval_nodes = sampler.fixed_subset(config.evaluate.num_clients, config.seed + 1)
-        strategy = make_strategy(config)
-
-        base_eval = self.evaluate(0, eval_nodes)
-        self.checkpoint(0)  # the initial adapter: where every client's first round starts
-        self.run.append_metrics({"round": 0, "run_id": self.run_id, "evaluate": base_eval, "seconds": round(time.time() - started, 2)})
-        last_eval = base_eval
-        bar = tqdm(range(1, config.num_server_rounds + 1), desc="rounds", unit="round")
+        done, strategy = self.resume(make_strategy(config))
+        if done:
+            for _ in range(done):  # the same clients in the remaining rounds as without the restart
+                sampler.sample(config.clients_per_round)
+            evaluated = [m for m in self.run.metrics() if m.get("evaluate")]
+            base_eval, last_eval = evaluated[0]["evaluate"], evaluated[-1]["evaluate"]
+        else:
+            base_eval = self.evaluate(0, eval_nodes)
+            self.checkpoint(0)  # the initial adapter: where every client's first round starts
+            self.run.append_metrics({"round": 0, "run_id": self.run_id, "evaluate": base_eval,
+                                     "seconds": round(time.time() - started, 2)})
+            self.save_server_state(0, strategy)
+            last_eval = base_eval
+        bar = tqdm(range(done + 1, config.num_server_rounds + 1), desc="rounds", unit="round")
         for server_round in bar:
             t0 = time.time()
             record: dict[str, Any] = {"round": server_round, "train": self.train_round(
@@ -224,6 +265,7 @@ class Rounds:
                 bar.set_postfix(ppl=f"{last_eval['mean'].get('perplexity', float('nan')):.2f}")
             record["seconds"] = round(time.time() - t0, 2)
             self.run.append_metrics(record)
+            self.save_server_state(server_round, strategy)
             losses = record["train"]["train_loss"]
             tqdm.write(
                 f"round {server_round}/{config.num_server_rounds}: {len(losses)} clients, "

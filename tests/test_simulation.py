@@ -97,3 +97,27 @@ def test_private_run_reports_recomputable_epsilons_and_clients_decline(tmp_path,
         assert recompute_epsilon(report["history"], report["delta"]) == pytest.approx(report["epsilon"], rel=0.01)
         ledger = json.loads((run_dir / "clients" / report["client_id"] / "ledger.json").read_text())
         assert ledger["history"] == [{**h} for h in report["history"]]
+
+
+def test_a_restarted_run_continues_from_its_last_completed_round(tmp_path, cache_dir):
+    """Stopped after round 1 and started again on the same run directory, a run ends
+    where an uninterrupted one does: same clients sampled, same global adapter."""
+    import torch
+
+    from fedllm.personal import load_state
+    from simulations.runner import load_experiment, simulate
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    simulate(load_experiment(TINY, {"privacy.enabled": False}), straight)
+    simulate(load_experiment(TINY, {"privacy.enabled": False, "num-server-rounds": 1}), resumed)
+    first_run = json.loads((resumed / "metrics.jsonl").read_text().splitlines()[0])["run_id"]
+    with open(resumed / "metrics.jsonl", "a") as handle:  # a round 2 the crash cut short
+        handle.write(json.dumps({"round": 2, "train": {"clients": ["half-done"]}}) + "\n")
+    simulate(load_experiment(TINY, {"privacy.enabled": False}), resumed)
+
+    a, b = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (straight, resumed))
+    assert [m["round"] for m in b] == [0, 1, 2] and b[0]["run_id"] == first_run
+    assert [m["train"]["sampled"] for m in a[1:]] == [m["train"]["sampled"] for m in b[1:]]
+    x, y = (load_state(d / "checkpoints" / "round-2" / "global.safetensors") for d in (straight, resumed))
+    assert all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)
+    assert json.loads((resumed / "summary.json").read_text())["rounds"] == 2

@@ -231,11 +231,11 @@ class Rounds:
         config, started = self.config, time.time()
         self.run.write_config(config)
         clients = discover(self.grid, self._config_record(0), config.num_clients, config.round_timeout)
-        if len(clients) < config.clients_per_round:
-            raise FedllmError(
-                f"only {len(clients)} nodes said which client they hold; clients-per-round="
-                f"{config.clients_per_round} cannot be met (see the warnings above)"
-            )
+        if not clients:
+            raise FedllmError("no node said which client it holds within round-timeout (see the warnings above)")
+        if len(clients) < config.clients_per_round:  # devices down: go on with those that are up
+            log.warning("only %d of %d devices answered; rounds will sample %d instead of clients-per-round=%d",
+                        len(clients), config.num_clients, len(clients), config.clients_per_round)
         self.node_client = {node: client for client, node in clients.items()}
         sampler = ClientSampler(clients, config.seed)
         eval_nodes = sampler.fixed_subset(config.evaluate.num_clients, config.seed + 1)

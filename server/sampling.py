@@ -41,26 +41,42 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
 
 
 def discover(grid: Grid, config: ConfigRecord, minimum: int, timeout: float) -> dict[str, int]:
-    """client id -> node id for every connected node that answers."""
+    """client id -> node id for every connected node that answers.
+
+    Nodes the SuperLink knows but cannot reach yet (a device reconnecting after a
+    restart of either side) are asked again until `minimum` clients answered or
+    `timeout` passed; then the run goes on with those that did.
+    """
+    deadline = time.time() + timeout
     nodes = wait_for_nodes(grid, minimum, timeout)
     content = RecordDict({"config": config})
-    messages = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
     found: dict[str, int] = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
-        if reply.has_error():
-            log.warning("node %d did not say who it is: %s", node, reply.error.reason)
-            continue
-        try:
-            client_id = str(reply.content["client"]["client-id"])
-        except (KeyError, TypeError):
-            log.warning("node %d sent no client id; it will not be sampled", node)
-            continue
-        if client_id in found:
-            log.warning("node %d claims client id %s already held by node %d; ignored", node, client_id, found[client_id])
-            continue
-        found[client_id] = node
-    return dict(sorted(found.items()))
+    answered: set[int] = set()
+    while True:
+        pending = [n for n in nodes if n not in answered]
+        messages = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in pending]
+        unreachable = []
+        for reply in grid.send_and_receive(messages, timeout=max(1.0, deadline - time.time())):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                unreachable.append(node)
+                log.warning("node %d did not say who it is: %s", node, reply.error.reason)
+                continue
+            answered.add(node)
+            try:
+                client_id = str(reply.content["client"]["client-id"])
+            except (KeyError, TypeError):
+                log.warning("node %d sent no client id; it will not be sampled", node)
+                continue
+            if client_id in found:
+                log.warning("node %d claims client id %s already held by node %d; ignored", node, client_id,
+                            found[client_id])
+                continue
+            found[client_id] = node
+        if len(found) >= minimum or not unreachable or time.time() > deadline - 2:
+            return dict(sorted(found.items()))
+        time.sleep(2.0)
+        nodes = sorted(set(nodes) | set(grid.get_node_ids()))
 
 
 class ClientSampler:

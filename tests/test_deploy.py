@@ -16,6 +16,7 @@ import pytest
 
 from conftest import TINY
 from fedllm.cli import main
+from fedllm.privacy.ledger import Ledger
 
 FEDLLM = [sys.executable, "-m", "fedllm.cli"]
 
@@ -83,7 +84,32 @@ def test_client_refuses_bad_input_before_starting(tmp_path, capsys):
     assert "not found; give it with --ca-cert" in capsys.readouterr().err
 
 
-def test_three_devices_with_tls_and_node_authentication(tmp_path, cache_dir):
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL a process and everything it started (a crash, not a shutdown)."""
+    import psutil
+
+    root = psutil.Process(process.pid)
+    tree = [root, *root.children(recursive=True)]
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=20)
+
+
+def _ledger_rounds(path: Path) -> list[int]:
+    try:
+        return [e["round"] for e in json.loads(path.read_text())["history"] if e["kind"] == "train"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir):
+    """Three devices with TLS and node authentication; an unregistered node is refused;
+    the server is killed after round 1 and restarted, and finishes from its checkpoint;
+    a device killed with SIGKILL while training in round 2 does not stall the run, and its
+    ledger holds the round it was killed in."""
     certs = tmp_path / "certs"
     assert main(["certs", str(certs), "--nodes", "4"]) == 0
     rogue = tmp_path / "rogue"
@@ -91,38 +117,56 @@ def test_three_devices_with_tls_and_node_authentication(tmp_path, cache_dir):
     shutil.move(certs / "nodes" / "node-4.pub", rogue / "node-4.pub")  # a key the server never registers
     devices = _devices(tmp_path, 3)
     run_dir, port = tmp_path / "run", 19400 + os.getpid() % 500
+    server_args = ["server", "--certs", str(certs), "--nodes", str(certs / "nodes"), "--run-dir", str(run_dir),
+                   "--config", str(TINY), "--port", str(port), "--set", "num-clients=3", "--set",
+                   "clients-per-round=3", "--set", "evaluate.num-clients=3", "--set", "evaluate.every=2",
+                   "--set", "round-timeout=60"]
 
-    server = _start(["server", "--certs", str(certs), "--nodes", str(certs / "nodes"), "--run-dir", str(run_dir),
-                     "--config", str(TINY), "--port", str(port), "--set", "num-clients=3", "--set",
-                     "clients-per-round=3", "--set", "evaluate.num-clients=3", "--set", "evaluate.every=2",
-                     "--set", "round-timeout=120"], tmp_path / "server.log")
-    clients: list[subprocess.Popen] = []
+    def client(i: int, key: Path, data: Path, log: str) -> subprocess.Popen:
+        return _start(["client", "--superlink", f"127.0.0.1:{port}", "--ca-cert", str(certs / "ca.crt"),
+                       "--key", str(key), "--data", str(data), "--state-dir", str(tmp_path / f"state-{i}"),
+                       "--port", str(port + 10 + i)], tmp_path / log)
+
+    server = _start(server_args, tmp_path / "server.log")
+    clients: dict[int, subprocess.Popen] = {}
     try:
         _wait_for(tmp_path / "server.log", "waiting for 3 devices", 120, server)
-
-        def client(i: int, key: Path, data: Path) -> subprocess.Popen:
-            return _start(["client", "--superlink", f"127.0.0.1:{port}", "--ca-cert", str(certs / "ca.crt"),
-                           "--key", str(key), "--data", str(data), "--state-dir", str(tmp_path / f"state-{i}"),
-                           "--port", str(port + 10 + i)], tmp_path / f"client-{i}.log")
-
-        clients = [client(i, certs / "nodes" / f"node-{i}", devices[i - 1]) for i in (1, 2, 3)]
-        refused = client(4, certs / "nodes" / "node-4", devices[0])
+        clients = {i: client(i, certs / "nodes" / f"node-{i}", devices[i - 1], f"client-{i}.log") for i in (1, 2, 3)}
+        refused = client(4, certs / "nodes" / "node-4", devices[0], "client-4.log")
         assert refused.wait(timeout=120) != 0
         assert "Failed to activate SuperNode" in (tmp_path / "client-4.log").read_text()
 
-        assert server.wait(timeout=480) == 0, (tmp_path / "server.log").read_text()[-3000:]
-    finally:
-        _stop(server, *clients)
+        _wait_for(run_dir / "checkpoints" / "latest.json", '"round": 1', 300, server)
+        _kill_tree(server)  # the server machine crashes after round 1
+        server = _start(server_args, tmp_path / "server-2.log")
 
+        # Round 2 of the resumed run: device 3 charges its ledger, starts training, and is killed.
+        _wait_for(tmp_path / "server-2.log", "resuming run", 120, server)
+        ledger = tmp_path / "state-3" / devices[2].stem / "ledger.json"
+        before = len(_ledger_rounds(ledger))
+        deadline = time.time() + 300
+        while len(_ledger_rounds(ledger)) == before and time.time() < deadline:
+            time.sleep(0.1)
+        assert _ledger_rounds(ledger)[-1] == 2, "device 3 never started round 2 of the resumed run"
+        _kill_tree(clients[3])
+
+        assert server.wait(timeout=480) == 0, (tmp_path / "server-2.log").read_text()[-3000:]
+    finally:
+        _stop(server, *clients.values())
+
+    assert "resuming run" in (tmp_path / "server-2.log").read_text()
     for name in ("config.json", "metrics.jsonl", "summary.json", "summary.txt", "metrics.png",
                  "checkpoints/round-0", "checkpoints/round-2", "privacy/summary.json"):
         assert (run_dir / name).exists(), name
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["rounds"] == 2 and len(summary["evaluated_clients"]) == 3
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [sorted(r["train"]["clients"]) for r in rounds[1:]] == [sorted(p.stem for p in devices)] * 2
-    # The devices' ledgers stayed on the devices, and agree with what the server recorded.
-    for i, device in enumerate(devices, start=1):
-        assert (tmp_path / f"state-{i}" / device.stem / "ledger.json").exists()
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert sorted(rounds[1]["train"]["clients"]) == sorted(p.stem for p in devices)
+    assert sorted(rounds[2]["train"]["clients"]) == sorted(p.stem for p in devices[:2])  # the round went on
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2
+    # The killed device's ledger kept the round it died in (it over-reports, never under-reports), and a
+    # restarted daemon opens it as it is: the hash chain is intact.
+    assert _ledger_rounds(ledger)[-1] == 2
+    assert [c.round for c in Ledger.load(ledger).history if c.kind == "train"] == _ledger_rounds(ledger)
+    for i in (1, 2, 3):  # the ledgers on the devices agree with the server's records
         assert main(["audit", str(run_dir), "--state-dir", str(tmp_path / f"state-{i}"),
                      "--out", str(tmp_path / f"audit-{i}")]) == 0

@@ -22,6 +22,11 @@ def _write_private(path: Path, data: bytes) -> None:
     path.chmod(0o600)
 
 
+def _write_public(path: Path, data: bytes) -> None:
+    atomic.write_bytes(path, data)
+    path.chmod(0o644)
+
+
 def make_ca_and_server(out: Path, hosts: list[str], days: int = 365) -> tuple[Path, Path, Path]:
     """(ca.crt, server.pem, server.key) for `hosts` (names or IP addresses)."""
     from cryptography import x509
@@ -57,10 +62,10 @@ def make_ca_and_server(out: Path, hosts: list[str], days: int = 365) -> tuple[Pa
             .sign(ca_key, hashes.SHA384()))
     out.mkdir(parents=True, exist_ok=True)
     pem = serialization.Encoding.PEM
-    atomic.write_bytes(out / "ca.crt", ca.public_bytes(pem))
+    _write_public(out / "ca.crt", ca.public_bytes(pem))
     _write_private(out / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                                         serialization.NoEncryption()))
-    atomic.write_bytes(out / "server.pem", cert.public_bytes(pem))
+    _write_public(out / "server.pem", cert.public_bytes(pem))
     _write_private(out / "server.key", key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                                          serialization.NoEncryption()))
     return out / "ca.crt", out / "server.pem", out / "server.key"
@@ -75,7 +80,7 @@ def make_node_key(path: Path) -> tuple[Path, Path]:
     _write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                            serialization.NoEncryption()))
     public = path.with_name(path.name + ".pub")
-    atomic.write_bytes(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+    _write_public(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                              serialization.PublicFormat.OpenSSH) + b"\n")
     return path, public
 

@@ -7,6 +7,7 @@ CLI do, as separate processes. They find each other's helpers (`flower-superexec
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -72,8 +73,6 @@ def start_superlink(*, host: str, port: int, ca_cert: Path, cert: Path, key: Pat
 def register_node(public_key: Path, flwr_home: Path) -> str:
     """Register a node's public key with the SuperLink; its node id, or "" if it was
     registered before (the SuperLink's database keeps registrations across restarts)."""
-    import json
-
     done = subprocess.run(["flwr", "supernode", "register", str(public_key), CONNECTION, "--format", "json"],
                           env=environment(flwr_home), capture_output=True, text=True, timeout=60)
     try:

@@ -25,9 +25,9 @@ from fedllm import atomic
 from fedllm.config import Config
 from fedllm.errors import FedllmError
 from fedllm.evaluate import METRICS, SUMMARY_METRICS
+from fedllm.model import adapter_state, attach_lora, base_model_bytes, load_base, resolve_base, save_adapter
 from fedllm.personal import load_state, save_state
 from fedllm.plots import finish, format_summary
-from fedllm.model import adapter_state, attach_lora, base_model_bytes, load_base, resolve_base, save_adapter
 from fedllm.privacy.report import summarize
 from fedllm.rundir import RunDir
 from fedllm.state import safe_name
@@ -187,7 +187,8 @@ class Rounds:
         atomic.write_json(self.run.path / "privacy" / "clients" / f"{safe_name(client_id)}.json", report)
 
     def privacy_summary(self) -> dict[str, Any]:
-        summary = {"enabled": self.config.privacy.enabled, "run_id": self.run_id, **summarize(self.privacy_reports, self.declined)}
+        summary = {"enabled": self.config.privacy.enabled, "run_id": self.run_id,
+                   **summarize(self.privacy_reports, self.declined)}
         atomic.write_json(self.run.path / "privacy" / "summary.json", summary)
         return summary
 

@@ -98,7 +98,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
     print(f"""
 Try it on one machine, in three terminals (add more devices with more node keys):
 
-  fedllm server --certs {d} --nodes {d}/nodes --run-dir runs/fleet --set num-clients=2 --config simulations/tiny.toml
+  fedllm server --certs {d} --nodes {d}/nodes --run-dir runs/fleet --config simulations/tiny.toml \\
+      --set num-clients=2 --set clients-per-round=2 --set evaluate.num-clients=2
   fedllm client --superlink 127.0.0.1:9093 --ca-cert {d}/ca.crt --key {d}/nodes/node-1 --data DEVICE1.jsonl --state-dir state/node-1 --port 9101
   fedllm client --superlink 127.0.0.1:9093 --ca-cert {d}/ca.crt --key {d}/nodes/node-2 --data DEVICE2.jsonl --state-dir state/node-2 --port 9102
 

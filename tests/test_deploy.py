@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 from conftest import TINY
 from fedllm.cli import main
+from fedllm.config import parse_assignment
 from fedllm.privacy.ledger import Ledger
 
 FEDLLM = [sys.executable, "-m", "fedllm.cli"]
@@ -64,7 +66,14 @@ def _stop(*processes: subprocess.Popen) -> None:
 
 def test_certs_refuses_to_overwrite_a_ca(tmp_path, capsys):
     assert main(["certs", str(tmp_path / "c"), "--nodes", "1"]) == 0
-    assert "fedllm server --certs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "fedllm server --certs" in out
+    # The walk-through it prints is a configuration the server accepts.
+    from fedllm.config import Config, load_toml
+
+    values = load_toml(TINY)
+    values.update(parse_assignment(a) for a in re.findall(r"--set (\S+)", out))
+    assert Config.from_flat(values).num_clients == 2
     assert (tmp_path / "c" / "nodes" / "node-1.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
     assert main(["certs", str(tmp_path / "c")]) == 2
     assert "already holds a CA" in capsys.readouterr().err

@@ -3,6 +3,8 @@
 A train reply holds the adapter delta (local minus global), metrics and, under DP, the
 client's epsilon report; nothing else: no text, no tokens, no per-record gradients, no
 non-adapter tensor. A client whose budget would be exceeded declines: no delta at all.
+Under user-level DP the delta is clipped to `user-dp.clip` here, on the device; under
+secure aggregation `client.secure.secagg_mod` masks it before it leaves.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.secure import secagg_mod
 from client.runtime import client_data, evaluate_client, personalise_client, train_client
 from fedllm.config import KEYS, Config
 
@@ -34,7 +37,7 @@ def _partition(context: Context):
     return int(context.node_config["partition-id"])
 
 
-@app.train()
+@app.train(mods=[secagg_mod])
 def train(msg: Message, context: Context) -> Message:
     config, record = _config(msg, context)
     global_state = msg.content["arrays"].to_torch_state_dict()
@@ -46,7 +49,12 @@ def train(msg: Message, context: Context) -> Message:
     if update.privacy is not None:
         content["privacy"] = ConfigRecord({"report": json.dumps(update.privacy)})
     if update.delta is not None:
-        content["arrays"] = ArrayRecord(update.delta)
+        delta = update.delta
+        if config.user_dp.enabled:
+            from fedllm.privacy.user_level import clip_delta
+
+            delta, _ = clip_delta(delta, config.user_dp.clip)  # the norm itself stays on the device
+        content["arrays"] = ArrayRecord(delta)
         content["metrics"] = MetricRecord({
             "num-examples": update.data.num_records, "train-loss": update.result.loss,
             "steps": update.result.steps, "epsilon": update.privacy["epsilon"] if update.privacy else 0.0,

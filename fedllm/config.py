@@ -138,6 +138,36 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    enabled: bool = _key(False, None, "true or false",
+                         "Flower SecAgg+: the server learns only the sum of the sampled clients' updates")
+    num_shares: int = _key(0, lambda v: v == 0 or v >= 3, "0 or an integer >= 3",
+                           "neighbours each client secret-shares its keys with (itself included); 0: all sampled")
+    threshold: int = _key(0, lambda v: v == 0 or v >= 2, "0 or an integer >= 2",
+                          "shares needed to unmask; a round survives while every client keeps this many live "
+                          "neighbours; 0: two thirds of the shares")
+    clipping_range: float = _key(0.0, *NON_NEG_FLOAT,
+                                 doc="each delta coordinate is clipped to +-this before quantisation; "
+                                     "0: user-dp.clip when user-level DP is on (lossless), else 8")
+    quantization_bits: int = _key(22, lambda v: 8 <= v <= 28, "an integer in 8..28",
+                                  doc="levels per coordinate = 2**bits; the sum is taken modulo 2**32")
+
+
+@dataclass(frozen=True)
+class UserDPConfig:
+    enabled: bool = _key(False, None, "true or false",
+                         "user-level DP (DP-FedAvg): clip each client's delta, Gaussian noise on the sum")
+    clip: float = _key(0.05, *POS_FLOAT, doc="L2 bound on a client's whole adapter delta")
+    noise_multiplier: float = _key(1.0, *NON_NEG_FLOAT, doc="noise std = this * clip, on the sum of deltas")
+    target_epsilon: float = _key(0.0, *NON_NEG_FLOAT,
+                                 doc="> 0: choose the noise multiplier that spends this over num-server-rounds")
+    delta: float = _key(1e-3, *FRACTION, doc="user-level delta; must be below 1/(number of clients)")
+    sampling: str = _key("poisson", *_one_of("poisson", "fixed"),
+                         doc="poisson: each client joins a round independently with prob clients-per-round/clients "
+                             "(amplification claimed); fixed: exactly clients-per-round (no amplification claimed)")
+
+
+@dataclass(frozen=True)
 class Config:
     num_server_rounds: int = _key(5, *POS_INT)
     num_clients: int = _key(100, *POS_INT)
@@ -156,6 +186,8 @@ class Config:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     personal: PersonalConfig = field(default_factory=PersonalConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    user_dp: UserDPConfig = field(default_factory=UserDPConfig)
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any]) -> "Config":
@@ -302,6 +334,15 @@ def _check_together(c: Config) -> None:
             f"clients-per-round={c.clients_per_round} exceeds num-clients={c.num_clients}; "
             "lower clients-per-round or raise num-clients"
         )
+    s = c.secagg
+    if s.num_shares and s.threshold and s.threshold >= s.num_shares:
+        raise ConfigError(f"secagg.threshold={s.threshold} must be below secagg.num-shares={s.num_shares}")
+    if s.enabled and c.clients_per_round < 3:
+        raise ConfigError(f"secagg.enabled needs clients-per-round >= 3 (got {c.clients_per_round}): with fewer, "
+                          "the sum would reveal a single client's update")
+    if s.enabled and c.num_clients << s.quantization_bits >= 2**32:
+        raise ConfigError(f"secagg.quantization-bits={s.quantization_bits} overflows the 32-bit sum of up to "
+                          f"{c.num_clients} clients; use at most {31 - int(math.log2(c.num_clients))}")
     if c.base.hidden_size % c.base.heads:
         raise ConfigError(
             f"base.hidden-size={c.base.hidden_size} must be a multiple of base.heads={c.base.heads}"

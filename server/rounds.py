@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import statistics
 import time
@@ -17,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from tqdm.auto import tqdm
 
@@ -31,10 +33,12 @@ from fedllm.plots import finish, format_summary
 from fedllm.privacy.report import summarize
 from fedllm.rundir import RunDir
 from fedllm.state import safe_name
+from fedllm.privacy.user_level import UserLevel, delta_norm
 from server.sampling import ClientSampler, SampledGrid, discover
+from server.secure import quantization, secure_round
 from server.strategies import as_weights, make_strategy
-from server.validation import (AdapterSpec, check_evaluate_reply, check_train_reply, client_id_of, declined_reason,
-                               privacy_report)
+from server.validation import (AdapterSpec, check_evaluate_reply, check_secure_metrics, check_train_reply,
+                               client_id_of, declined_reason, parse_report, privacy_report)
 
 log = logging.getLogger("fedllm.server")
 EVAL_METRICS = frozenset({"num-examples", *METRICS})
@@ -79,11 +83,74 @@ class Rounds:
         self.declined: dict[str, list[int]] = {}
         # Names this run in every ledger entry it causes: a state store outlives runs.
         self.run_id = uuid.uuid4().hex[:12]
+        self.user_level: UserLevel | None = None  # fixed once the clients are known
+        # Poisson participation is amplification only while the draw is secret: not the public seed.
+        self.sampling_seed = int.from_bytes(os.urandom(8), "little")
+        self.small_cohort_rounds: list[int] = []
 
     def _config_record(self, server_round: int) -> ConfigRecord:
         return ConfigRecord({**self.config.to_flat(), "server-round": server_round, "run-id": self.run_id})
 
     def train_round(self, server_round: int, strategy, nodes: list[int]) -> dict[str, Any]:
+        """Sample -> train -> validate -> aggregate one round; its metrics.jsonl record."""
+        if self.config.secagg.enabled:
+            record, total, contributors = self.secure_collect(server_round, nodes)
+        else:
+            record, accepted = self.plain_collect(server_round, strategy, nodes)
+            total, contributors = None, len(accepted)
+            if self.user_level is not None:
+                total = self._sum([{k: v.numpy() for k, v in m.content["arrays"].items()} for m in accepted])
+            elif accepted:
+                weights = [as_weights(m, self.arrays) for m in accepted]
+                new_arrays, _ = strategy.aggregate_train(server_round, weights)
+                if new_arrays is not None:
+                    self.arrays = _float32(new_arrays)
+        if self.user_level is not None:
+            if total is None:  # nobody contributed: the round still releases the noise
+                total = self._sum([])
+            self._apply(strategy, server_round, self.user_level.noisy_mean(
+                {k: torch.from_numpy(v) for k, v in total.items()}))
+            record["user_dp"] = {"contributors": contributors, "denominator": self.user_level.denominator,
+                                 "noise_std": self.user_level.noise_std}
+        elif self.config.secagg.enabled and total is not None and contributors:
+            self._apply(strategy, server_round, {k: torch.from_numpy(v / contributors) for k, v in total.items()})
+        if not contributors:
+            log.warning("round %d: no acceptable replies; global adapter unchanged%s", server_round,
+                        " but for the noise" if self.user_level else "")
+        return record
+
+    def _sum(self, deltas: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        total = {k: np.zeros(self.spec.shapes[k], np.float64) for k in self.spec.shapes}
+        for delta in deltas:
+            for k in total:
+                total[k] += delta[k]
+        return total
+
+    def _apply(self, strategy, server_round: int, update: dict[str, torch.Tensor]) -> None:
+        """Hand `global + update` to the configured strategy as one reply: FedAvg takes it
+        as the new global adapter, FedAdam as its pseudo-gradient, as Flower defines them."""
+        weights = ArrayRecord({k: Array(self.arrays[k].numpy() + update[k].numpy().astype(np.float32))
+                               for k in self.arrays.keys()})
+        reply = Message(RecordDict({"arrays": weights, "metrics": MetricRecord({"num-examples": 1})}),
+                        dst_node_id=0, message_type=MessageType.TRAIN)
+        new_arrays, _ = strategy.aggregate_train(server_round, [reply])
+        if new_arrays is not None:
+            self.arrays = _float32(new_arrays)
+
+    def _client_said(self, server_round: int, client: str, claimed: str, report: dict | None, why: str,
+                     declined: list) -> str | None:
+        """Book what a reply says about its sender; the reason to drop it, if any."""
+        if claimed not in ("?", client):
+            return f"reply claims client id {claimed}, but node holds {client}"
+        if report is not None:
+            self.record_privacy(client, report)
+        if why:
+            log.info("round %d: client %s %s", server_round, client, why)
+            declined.append({"client_id": client, "reason": why})
+            self.declined.setdefault(client, []).append(server_round)
+        return None
+
+    def plain_collect(self, server_round: int, strategy, nodes: list[int]) -> tuple[dict[str, Any], list[Message]]:
         grid = SampledGrid(self.grid, nodes)
         messages = strategy.configure_train(server_round, self.arrays, self._config_record(server_round), grid)
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
@@ -91,21 +158,16 @@ class Rounds:
         for msg in replies:
             node = msg.metadata.src_node_id
             client = self.node_client.get(node, "?")  # who the node said it was, not what this reply claims
-            claimed = client_id_of(msg)
-            reason = None
-            if claimed not in ("?", client):
-                reason = f"reply claims client id {claimed}, but node {node} holds {client}"
-            else:
-                report = privacy_report(msg)
-                if report is not None:
-                    self.record_privacy(client, report)
-                why = declined_reason(msg)
-                if why:
-                    log.info("round %d: client %s %s", server_round, client, why)
-                    declined.append({"client_id": client, "reason": why})
-                    self.declined.setdefault(client, []).append(server_round)
-                    continue
+            why = declined_reason(msg)
+            reason = self._client_said(server_round, client, client_id_of(msg), privacy_report(msg), why, declined)
+            if reason is None and why:
+                continue
+            if reason is None:
                 reason = check_train_reply(msg, self.spec)
+            if reason is None and self.user_level is not None:
+                norm = delta_norm({k: torch.from_numpy(v.numpy()) for k, v in msg.content["arrays"].items()})
+                if norm > self.user_level.clip * (1 + 1e-4):
+                    reason = f"delta L2 norm {norm:.4g} exceeds user-dp.clip={self.user_level.clip:g}"
             if reason is None:
                 accepted.append(msg)
                 continue
@@ -115,7 +177,7 @@ class Rounds:
         upload = [_upload_bytes(m) for m in accepted]
         self.upload.extend(upload)
         metrics = [next(iter(m.content.metric_records.values())) for m in accepted]
-        record = {
+        return {
             "sampled": [self.node_client.get(n, "?") for n in nodes],
             "clients": [self.node_client.get(m.metadata.src_node_id, "?") for m in accepted],
             "train_loss": [float(m["train-loss"]) for m in metrics],
@@ -123,15 +185,55 @@ class Rounds:
             "upload_bytes": upload,
             "dropped": dropped,
             "declined": declined,
-        }
-        if accepted:
-            weights = [as_weights(m, self.arrays) for m in accepted]
-            new_arrays, _ = strategy.aggregate_train(server_round, weights)
-            if new_arrays is not None:
-                self.arrays = _float32(new_arrays)
-        else:
-            log.warning("round %d: no acceptable replies; global adapter unchanged", server_round)
-        return record
+        }, accepted
+
+    def secure_collect(self, server_round: int, nodes: list[int]):
+        """A SecAgg+ round: (record, sum of the contributed deltas or None, contributors).
+
+        Masked updates cannot be dropped one by one; a reply's plain fields are still
+        checked, and the sum is rejected whole if the protocol fails."""
+        config = self._config_record(server_round)
+        if self.config.strategy.name == "fedprox":
+            config["proximal-mu"] = self.config.strategy.proximal_mu
+        result = secure_round(self.grid, self.config, server_round, nodes, self.arrays, config)
+        answered, losses, steps, declined, flagged = [], [], [], [], []
+        for node, metrics in sorted(result.replies.items()):
+            client = self.node_client.get(node, "?")
+            why = str(metrics.get("declined", "") or "")
+            reason = (self._client_said(server_round, client, str(metrics.get("client-id", "?")),
+                                        parse_report(metrics.get("report")), why, declined)
+                      or check_secure_metrics(metrics))
+            if reason:  # already inside the sum: say so, it cannot be taken out
+                log.warning("round %d: client %s (node %d) sent a bad secure reply: %s", server_round, client, node,
+                            reason)
+                flagged.append({"node": node, "client_id": client, "reason": reason})
+            if not why and not reason:
+                answered.append(client)
+                losses.append(float(metrics["train-loss"]))
+                steps.append(int(metrics["steps"]))
+        upload = [result.upload_bytes.get(n, 0) for n in nodes if n in result.replies]
+        self.upload.extend(upload)
+        contributors = len(result.replies) if result.mean is not None else 0
+        total = {k: v * contributors for k, v in result.mean.items()} if result.mean is not None else None
+        secagg: dict[str, Any] = {"shares": result.shares, "threshold": result.threshold,
+                                  "sampled": result.sampled, "contributed": len(result.replies),
+                                  "dropped_out": result.sampled - len(result.replies),
+                                  "quantization": quantization(self.config, contributors, self.spec.num_values)}
+        if result.error:
+            secagg["error"] = result.error
+            log.warning("round %d: %s", server_round, result.error)
+            if result.sampled < 3 or result.threshold >= result.shares:
+                self.small_cohort_rounds.append(server_round)
+        return {
+            "sampled": [self.node_client.get(n, "?") for n in nodes],
+            "clients": answered if total is not None else [],
+            "train_loss": losses if total is not None else [],
+            "steps": steps if total is not None else [],
+            "upload_bytes": upload,
+            "dropped": flagged,
+            "declined": declined,
+            "secagg": secagg,
+        }, total, contributors
 
     def evaluate(self, server_round: int, nodes: list[int], personalise: bool = False) -> dict[str, Any]:
         config = self._config_record(server_round)
@@ -192,6 +294,28 @@ class Rounds:
         atomic.write_json(self.run.path / "privacy" / "summary.json", summary)
         return summary
 
+    def user_level_report(self, rounds: int) -> dict[str, Any]:
+        """privacy/user_level.json after `rounds` completed rounds ({"enabled": false} when off)."""
+        if self.user_level is None:
+            return {"enabled": False}
+        secagg = None
+        if self.config.secagg.enabled:
+            from server.secure import clipping_range
+
+            s = self.config.secagg
+            secagg = {"protocol": "SecAgg+ (Flower SecAggPlusWorkflow / secaggplus_mod)", "num_shares": s.num_shares,
+                      "threshold": s.threshold, "quantization_bits": s.quantization_bits,
+                      "clipping_range": clipping_range(self.config),
+                      "quantization": "stochastic rounding; per round, metrics.jsonl train.secagg.quantization holds "
+                                      "the error bound of that round's sum",
+                      "small_cohort_rounds": self.small_cohort_rounds,
+                      "small_cohort_note": "rounds whose sample was too small for secure aggregation released the "
+                                           "noise alone; the accounting above does not charge for that choice"}
+        report = {"enabled": True, "run_id": self.run_id,
+                  **self.user_level.report(rounds, self.config.num_server_rounds, secagg)}
+        atomic.write_json(self.run.path / "privacy" / "user_level.json", report)
+        return report
+
     def checkpoint(self, server_round: int) -> Path:
         path = self.run.checkpoint(server_round)
         save_adapter(self.model, _to_state(self.arrays), path)
@@ -206,7 +330,7 @@ class Rounds:
         atomic.write_bytes(path / "strategy.pkl", pickle.dumps(strategy))
         atomic.write_json(path / "server-state.json", {
             "round": server_round, "run_id": self.run_id, "declined": self.declined, "rejected": self.rejected,
-            "upload": self.upload})
+            "upload": self.upload, "sampling_seed": self.sampling_seed, "small_cohort_rounds": self.small_cohort_rounds})
         atomic.write_json(self.run.path / "checkpoints" / "latest.json", {"round": server_round})
 
     def resume(self, strategy):
@@ -221,6 +345,8 @@ class Rounds:
         strategy = pickle.loads((path / "strategy.pkl").read_bytes())
         self.run_id, self.declined = state["run_id"], state["declined"]
         self.rejected, self.upload = state["rejected"], state["upload"]
+        self.sampling_seed = state.get("sampling_seed", self.sampling_seed)
+        self.small_cohort_rounds = state.get("small_cohort_rounds", [])
         for report in sorted((self.run.path / "privacy" / "clients").glob("*.json")):
             data = json.loads(report.read_text())
             self.privacy_reports[data["client_id"]] = data
@@ -238,12 +364,19 @@ class Rounds:
             log.warning("only %d of %d devices answered; rounds will sample %d instead of clients-per-round=%d",
                         len(clients), config.num_clients, len(clients), config.clients_per_round)
         self.node_client = {node: client for client, node in clients.items()}
-        sampler = ClientSampler(clients, config.seed)
-        eval_nodes = sampler.fixed_subset(config.evaluate.num_clients, config.seed + 1)
+        if config.user_dp.enabled:
+            self.user_level = UserLevel.for_run(config, len(clients))
         done, strategy = self.resume(make_strategy(config))
+        poisson = self.user_level is not None and self.user_level.sampling == "poisson"
+        sampler = ClientSampler(clients, self.sampling_seed if poisson else config.seed)
+
+        def draw() -> list[int]:
+            return sampler.poisson(self.user_level.sample_rate) if poisson else sampler.sample(config.clients_per_round)
+
+        eval_nodes = sampler.fixed_subset(config.evaluate.num_clients, config.seed + 1)
         if done:
             for _ in range(done):  # the same clients in the remaining rounds as without the restart
-                sampler.sample(config.clients_per_round)
+                draw()
             evaluated = [m for m in self.run.metrics() if m.get("evaluate")]
             base_eval, last_eval = evaluated[0]["evaluate"], evaluated[-1]["evaluate"]
         else:
@@ -256,8 +389,7 @@ class Rounds:
         bar = tqdm(range(done + 1, config.num_server_rounds + 1), desc="rounds", unit="round")
         for server_round in bar:
             t0 = time.time()
-            record: dict[str, Any] = {"round": server_round, "train": self.train_round(
-                server_round, strategy, sampler.sample(config.clients_per_round))}
+            record: dict[str, Any] = {"round": server_round, "train": self.train_round(server_round, strategy, draw())}
             record["checkpoint"] = str(self.checkpoint(server_round).relative_to(self.run.path))
             last = server_round == config.num_server_rounds
             if server_round % config.evaluate.every == 0 or last:
@@ -277,6 +409,7 @@ class Rounds:
             )
             if config.privacy.enabled:
                 self.privacy_summary()
+            self.user_level_report(server_round)
         bar.close()
         summary = self.summary(base_eval, last_eval, time.time() - started)
         self.run.write_summary(summary)
@@ -302,6 +435,8 @@ class Rounds:
             "upload_fraction_of_base": upload / self.base_bytes,
             "rejected_replies": self.rejected,
             "privacy": self.privacy_summary() if self.config.privacy.enabled else {"enabled": False},
+            "user_level_privacy": self.user_level_report(self.config.num_server_rounds),
+            "secure_aggregation": self.config.secagg.enabled,
             "final_checkpoint": str(self.run.checkpoint(self.config.num_server_rounds).relative_to(self.run.path)),
             "wall_seconds": round(seconds, 1),
         }

@@ -80,8 +80,9 @@ def discover(grid: Grid, config: ConfigRecord, minimum: int, timeout: float) -> 
 
 
 class ClientSampler:
-    """Each round, `k` distinct clients uniformly at random, seeded (sampling without
-    replacement, not Poisson: no privacy amplification is claimed from it)."""
+    """Seeded client sampling: `sample` draws `k` distinct clients uniformly (no privacy
+    amplification is claimed from it); `poisson` includes each client independently with
+    probability `q` (user-level DP's amplification assumes exactly this)."""
 
     def __init__(self, clients: dict[str, int], seed: int):
         self.clients = clients
@@ -90,6 +91,9 @@ class ClientSampler:
     def sample(self, k: int) -> list[int]:
         chosen = self.rng.sample(sorted(self.clients), min(k, len(self.clients)))
         return [self.clients[c] for c in sorted(chosen)]
+
+    def poisson(self, q: float) -> list[int]:
+        return [self.clients[c] for c in sorted(self.clients) if self.rng.random() < q]
 
     def fixed_subset(self, k: int, seed: int) -> list[int]:
         chosen = random.Random(seed).sample(sorted(self.clients), min(k, len(self.clients)))

@@ -26,6 +26,10 @@ class AdapterSpec:
     def from_state(cls, state) -> "AdapterSpec":
         return cls({k: tuple(v.shape) for k, v in state.items()})
 
+    @property
+    def num_values(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes.values())
+
 
 def client_id_of(msg: Message) -> str:
     try:
@@ -88,14 +92,29 @@ def declined_reason(msg: Message) -> str:
 
 def privacy_report(msg: Message) -> dict | None:
     """The client's epsilon report, if it sent a well-formed one."""
-    import json
-
     if msg.has_error() or "privacy" not in msg.content.config_records:
         return None
+    return parse_report(msg.content["privacy"].get("report"))
+
+
+def parse_report(text) -> dict | None:
+    import json
+
     try:
-        report = json.loads(str(msg.content["privacy"]["report"]))
-    except (KeyError, ValueError):
+        report = json.loads(str(text))
+    except (TypeError, ValueError):
         return None
     if not isinstance(report, dict) or not isinstance(report.get("epsilon"), (int, float)):
         return None
     return report
+
+
+def check_secure_metrics(metrics: dict) -> str | None:
+    """The plain fields of a secure round's FitRes (its tensors are masked: the protocol,
+    not the server, vouches for their shape)."""
+    if not str(metrics.get("declined", "")):
+        for key in ("train-loss", "steps"):
+            value = metrics.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                return f"metric {key}: {value!r} is not a finite number"
+    return None

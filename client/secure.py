@@ -1,0 +1,78 @@
+"""The client half of SecAgg+: Flower's `secaggplus_mod`, in front of fedllm's train.
+
+Flower's mod speaks the legacy FitIns/FitRes records; fedllm's train handler speaks
+"arrays"/"config". `secagg_mod` translates at that boundary only, so the same handler
+trains with or without secure aggregation. Training messages without SecAgg+ stages
+pass straight through. The masking, key agreement and secret sharing are Flower's.
+
+What leaves the device in a secure round: public keys, encrypted key shares, the
+masked quantised delta, and the plain metrics in FitRes (client id, loss, steps, the
+record-level epsilon report); the delta itself never does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.compat.common import recorddict_compat as compat
+
+KEYS_FIELD = "adapter-keys"  # server.secure.KEYS_FIELD
+
+
+def is_secure(msg: Message) -> bool:
+    return RECORD_KEY_CONFIGS in msg.content.config_records
+
+
+def _from_fitins(content: RecordDict) -> tuple[RecordDict, list[str]]:
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
+    keys = str(fitins.config[KEYS_FIELD]).split(",")
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    if len(arrays) != len(keys):
+        raise ValueError(f"secure round: {len(arrays)} tensors for {len(keys)} adapter keys")
+    config = ConfigRecord({k: v for k, v in fitins.config.items() if k != KEYS_FIELD})
+    return RecordDict({"arrays": ArrayRecord({k: Array(a) for k, a in zip(keys, arrays)}), "config": config}), keys
+
+
+def _to_fitres(reply: RecordDict, global_arrays: ArrayRecord, keys: list[str], weight: int) -> RecordDict:
+    """fedllm's train reply as FitRes: the delta in `keys` order (zeros when the client
+    declined), weight 1 (0: a decline that must not count), every plain field as a metric."""
+    delta = reply.array_records.get("arrays")
+    tensors = [np.asarray(delta[k].numpy() if delta is not None else np.zeros_like(global_arrays[k].numpy()),
+                          dtype=np.float64) for k in keys]
+    metrics: dict = {}
+    for name in ("client", "privacy"):
+        if name in reply.config_records:
+            metrics.update(reply.config_records[name])
+    if "metrics" in reply.metric_records:
+        metrics.update(reply.metric_records["metrics"])
+    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(tensors), weight, metrics)
+    return compat.fitres_to_recorddict(fitres, keep_input=True)
+
+
+def _train_in_fedllm_format(call_next: ClientAppCallable) -> ClientAppCallable:
+    def call(msg: Message, context: Context) -> Message:
+        legacy = msg.content
+        msg.content, keys = _from_fitins(legacy)
+        global_arrays = msg.content["arrays"]
+        user_dp = bool(msg.content["config"].get("user-dp.enabled", False))
+        reply = call_next(msg, context)
+        if reply.has_error():
+            return reply
+        declined = "arrays" not in reply.content.array_records
+        # A decline sends zeros; weighted 0 unless user-level DP needs every sampled client counted.
+        weight = 0 if declined and not user_dp else 1
+        reply.content = _to_fitres(reply.content, global_arrays, keys, weight)
+        return reply
+
+    return call
+
+
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's SecAgg+ mod for secure rounds; plain training otherwise."""
+    if not is_secure(msg):
+        return call_next(msg, context)
+    return secaggplus_mod(msg, context, _train_in_fedllm_format(call_next))

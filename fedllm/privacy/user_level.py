@@ -1,0 +1,134 @@
+"""User-level DP (DP-FedAvg): the privacy unit is a device, all of its records at once.
+
+Each client clips its whole adapter delta to L2 norm `clip`; the server adds Gaussian
+noise of std `noise_multiplier * clip` to the *sum* (after secure aggregation, when it
+is on: the server never holds a single update) and divides by a fixed denominator, the
+expected number of sampled clients (McMahan et al. 2018, "fixed-denominator
+estimator"): dividing by the number that actually took part would publish it.
+
+One round is one Gaussian mechanism of sensitivity `clip` on the sum. With Poisson
+participation (each client joins independently with probability q, the draw kept
+secret by the server) rounds are Poisson-subsampled Gaussians and amplification is
+claimed; with a fixed number of clients per round it is not: every round counts as if
+every client took part. `privacy/user_level.json` holds everything needed to recompute
+the epsilon; `fedllm.privacy.audit` does so with dp-accounting.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from fedllm.config import Config
+
+MECHANISM = ("DP-FedAvg: per-client L2 clipping of the whole adapter delta, Gaussian noise "
+             "N(0, (noise_multiplier * clip)^2) added once per round to the sum of clipped deltas")
+PRIVACY_UNIT = "user: a client (device) with all of its records, added or removed"
+COVERS = ("every global adapter the server releases (checkpoints, what clients receive) and everything computed "
+          "from them; not the server's own view of the un-noised sum, not which clients the server sampled, and "
+          "not the plain metrics clients send (record counts, losses)")
+NOISE_BY = {True: "server, once per round, on the sum after secure aggregation (no single update is ever "
+                  "seen by the server)",
+            False: "server, once per round, on the sum of the clipped updates it received"}
+
+
+def delta_norm(delta: dict[str, torch.Tensor]) -> float:
+    """L2 norm across all adapter tensors, as one vector."""
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in delta.values()))
+
+
+def clip_delta(delta: dict[str, torch.Tensor], clip: float) -> tuple[dict[str, torch.Tensor], float]:
+    """The delta scaled to L2 norm at most `clip` (unchanged when already inside), and its norm before."""
+    norm = delta_norm(delta)
+    scale = min(1.0, clip / norm) if norm > 0 else 1.0
+    return {k: (t * scale).to(torch.float32) for k, t in delta.items()}, norm
+
+
+def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float, accountant: str = "prv") -> float:
+    """Epsilon of `rounds` Gaussian rounds, Poisson-subsampled at `sample_rate` (1.0: none)."""
+    from opacus.accountants import create_accountant
+
+    if rounds == 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    acc = create_accountant(accountant)
+    acc.history = [(noise_multiplier, sample_rate, rounds)]
+    return float(acc.get_epsilon(delta=delta))
+
+
+@dataclass(frozen=True)
+class UserLevel:
+    """The mechanism, fixed for a run once the server knows how many clients there are."""
+
+    noise_multiplier: float
+    clip: float
+    sampling: str  # "poisson" | "fixed"
+    sample_rate: float  # what the accountant uses: q for Poisson, 1.0 (no amplification) for fixed
+    population: int  # clients the server sampled from
+    denominator: float  # expected clients per round: the sum is divided by this
+    delta: float
+    accountant: str
+    secure_aggregation: bool
+    target_epsilon: float = 0.0
+
+    @classmethod
+    def for_run(cls, config: Config, population: int) -> "UserLevel":
+        from fedllm.errors import ConfigError
+        from fedllm.privacy.accounting import calibrate
+
+        u = config.user_dp
+        if u.delta >= 1.0 / population:
+            raise ConfigError(f"user-dp.delta={u.delta:g} is not below 1/{population} for {population} clients; "
+                              f"use user-dp.delta < {1.0 / population:.3g}")
+        k = min(config.clients_per_round, population)
+        q = k / population if u.sampling == "poisson" else 1.0
+        sigma = u.noise_multiplier
+        if u.target_epsilon > 0:
+            sigma = calibrate(u.target_epsilon, u.delta, q, config.num_server_rounds, config.privacy.accountant)
+        return cls(noise_multiplier=sigma, clip=u.clip, sampling=u.sampling, sample_rate=q, population=population,
+                   denominator=float(k), delta=u.delta, accountant=config.privacy.accountant,
+                   secure_aggregation=config.secagg.enabled, target_epsilon=u.target_epsilon)
+
+    @property
+    def noise_std(self) -> float:
+        return self.noise_multiplier * self.clip
+
+    def noisy_mean(self, total: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """(sum + N(0, noise_std^2)) / denominator. The noise comes from the OS's entropy
+        (torch's default generator, reseeded here), never from the run's public seed."""
+        gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        return {k: ((t.double() + torch.randn(t.shape, generator=gen, dtype=torch.float64) * self.noise_std)
+                    / self.denominator).to(torch.float32) for k, t in total.items()}
+
+    def epsilon(self, rounds: int) -> float:
+        return epsilon(self.noise_multiplier, self.sample_rate, rounds, self.delta, self.accountant)
+
+    def report(self, rounds: int, rounds_planned: int, secagg: dict[str, Any] | None = None) -> dict[str, Any]:
+        """user_level.json: what an auditor needs to recompute the epsilon, and what it covers."""
+        from importlib.metadata import version
+
+        eps = self.epsilon(rounds)
+        return {
+            "version": 1,
+            "privacy_unit": PRIVACY_UNIT,
+            "mechanism": MECHANISM,
+            "noise_added_by": NOISE_BY[self.secure_aggregation],
+            "covers": COVERS,
+            **asdict(self),
+            "noise_std": self.noise_std,
+            "sampling_note": ("Poisson: each client joins each round independently with probability sample_rate, "
+                              "drawn by the server from OS entropy and kept secret" if self.sampling == "poisson" else
+                              "fixed: a fixed number of clients per round; no amplification by sampling claimed "
+                              "(sample_rate 1.0: each round counts as if every client took part)"),
+            "rounds": rounds,
+            "rounds_planned": rounds_planned,
+            "epsilon": eps if math.isfinite(eps) else None,
+            "epsilon_planned": self.epsilon(rounds_planned) if self.noise_multiplier else None,
+            "secure_aggregation_detail": secagg,
+            "library_versions": {"opacus": version("opacus"), "dp-accounting": version("dp-accounting")},
+        }

@@ -1,0 +1,179 @@
+"""One training round under Flower's SecAgg+, driven from fedllm's round loop.
+
+Flower 1.42 runs SecAgg+ only through its legacy stack: `SecAggPlusWorkflow` takes a
+`LegacyContext` whose legacy `Strategy` hands out the fit instructions and receives the
+unmasked aggregate. fedllm keeps one server: sampling, validation, checkpoints and the
+configured Message-API strategy stay in `server.rounds`; this module only lends the
+workflow a minimal legacy strategy (`_Handoff`) that gives it the instructions fedllm
+chose and hands back what it aggregated. The cryptography is all Flower's.
+
+Every client is weighted 1 (`max_weight` 1): the workflow returns the plain mean of the
+contributed deltas, and `mean * contributors` is their sum.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.compat.grid_client_proxy import GridClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+from flwr.serverapp import Grid
+
+from fedllm.config import Config
+
+log = logging.getLogger("fedllm.server")
+KEYS_FIELD = "adapter-keys"  # the order of the tensors in the legacy Parameters list
+
+
+def clipping_range(config: Config) -> float:
+    """Per-coordinate range of the quantiser. Under user-level DP the L2 clip bounds every
+    coordinate, so quantisation clips nothing; otherwise Flower's default, 8."""
+    if config.secagg.clipping_range:
+        return config.secagg.clipping_range
+    return config.user_dp.clip if config.user_dp.enabled else 8.0
+
+
+def shares_and_threshold(config: Config, sampled: int) -> tuple[int, int]:
+    """(shares, threshold) for a round with `sampled` clients; shares odd when below all."""
+    shares = min(config.secagg.num_shares or sampled, sampled)
+    if shares < sampled and shares % 2 == 0:
+        shares += 1
+    threshold = config.secagg.threshold or max(2, math.ceil(2 * shares / 3))
+    return shares, threshold
+
+
+def quantization(config: Config, contributors: int, num_values: int) -> dict[str, float]:
+    """The stated quantisation error. Flower rounds each coordinate stochastically onto a
+    grid of step 2c/2**bits; each client's error is below one step, so the mean's is too
+    and the sum's is below contributors * step (per coordinate; times sqrt(d) in L2)."""
+    c = clipping_range(config)
+    step = 2 * c / 2**config.secagg.quantization_bits
+    return {"clipping_range": c, "step": step, "max_error_per_coordinate_of_sum": contributors * step,
+            "max_l2_error_of_sum": contributors * step * math.sqrt(num_values)}
+
+
+class _Handoff(Strategy):
+    """The legacy strategy SecAggPlusWorkflow calls: fedllm's instructions in, the
+    aggregate out. Evaluation never goes through it."""
+
+    def __init__(self, instructions: list[tuple[GridClientProxy, FitIns]]):
+        self.instructions = instructions
+        self.results: list[tuple[Any, FitRes]] = []
+        self.mean: list[np.ndarray] | None = None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return self.instructions
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.results = list(results)
+        if results:
+            self.mean = parameters_to_ndarrays(results[0][1].parameters)  # the same aggregate on every result
+        return None, {}
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+class _MeteredGrid:
+    """The grid, counting the bytes each node sends (masked vectors, keys, shares)."""
+
+    def __init__(self, grid: Grid):
+        self._grid, self.sent = grid, {}
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for msg in replies:
+            if not msg.has_error():
+                node = msg.metadata.src_node_id
+                self.sent[node] = self.sent.get(node, 0) + _content_bytes(msg.content)
+        return replies
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+def _content_bytes(content: RecordDict) -> int:
+    total = sum(a.numpy().nbytes for record in content.array_records.values() for a in record.values())
+    for record in content.config_records.values():
+        for value in record.values():
+            items = value if isinstance(value, list) else [value]
+            total += sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in items)
+    return total
+
+
+@dataclass
+class SecureRound:
+    """What a SecAgg+ round gave the server: the mean of the contributed deltas (None
+    when the protocol halted), and each contributor's plain metrics."""
+
+    mean: dict[str, np.ndarray] | None
+    replies: dict[int, dict[str, Any]]  # node -> FitRes metrics (no tensors)
+    shares: int
+    threshold: int
+    sampled: int
+    upload_bytes: dict[int, int] = field(default_factory=dict)
+    error: str = ""
+
+
+def secure_round(grid: Grid, config: Config, server_round: int, nodes: list[int], arrays: ArrayRecord,
+                 record: ConfigRecord) -> SecureRound:
+    keys = sorted(arrays.keys())
+    shares, threshold = shares_and_threshold(config, len(nodes))
+    result = SecureRound(None, {}, shares, threshold, len(nodes))
+    if len(nodes) < 3 or threshold >= shares:
+        result.error = (f"{len(nodes)} sampled clients cannot run secure aggregation with {shares} shares and "
+                        f"threshold {threshold}")
+        return result
+    parameters: Parameters = ndarrays_to_parameters([np.asarray(arrays[k].numpy(), np.float32) for k in keys])
+    fit_config = {**dict(record), KEYS_FIELD: ",".join(keys)}
+    metered = _MeteredGrid(grid)
+    try:
+        run_id = grid.run.run_id
+    except Exception:  # a grid without a run (tests)
+        run_id = 0
+    handoff = _Handoff([(GridClientProxy(n, metered, run_id), FitIns(parameters, fit_config)) for n in nodes])
+    context = LegacyContext(Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                            strategy=handoff, client_manager=SimpleClientManager())
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: server_round})
+    context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(parameters, True)
+    workflow = SecAggPlusWorkflow(
+        num_shares=shares, reconstruction_threshold=threshold, max_weight=1.0,
+        clipping_range=clipping_range(config), quantization_range=2**config.secagg.quantization_bits,
+        timeout=config.round_timeout,
+    )
+    try:
+        workflow(metered, context)
+    except Exception as exc:  # a hostile or broken reply must not take the server down
+        log.exception("round %d: secure aggregation failed", server_round)
+        result.error = f"secure aggregation failed: {exc!r}"
+        return result
+    result.upload_bytes = metered.sent
+    result.replies = {proxy.node_id: dict(res.metrics) for proxy, res in handoff.results}
+    if handoff.mean is None:
+        result.error = "secure aggregation halted (too few clients left to unmask; see Flower's log)"
+    elif len(handoff.mean) == len(keys) and all(np.isfinite(a).all() for a in handoff.mean):
+        result.mean = {k: np.asarray(a, np.float64) for k, a in zip(keys, handoff.mean)}
+    else:
+        result.error = "the unmasked aggregate is not finite (every contributor declined?)"
+    return result
+

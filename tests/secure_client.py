@@ -1,0 +1,66 @@
+"""fedllm's real ClientApp with two observers around Flower's SecAgg+ mod, and dropouts.
+
+`inner` sees fedllm's train reply (the clipped delta, before masking); `outer` sees what
+actually leaves the device (the masked, quantised vector). In every round the two
+partitions `2r % n` and `2r+1 % n` crash in the middle of the round, after keys were
+shared and after training, before they upload: 20% of the clients when all 10 are sampled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+
+from client import app as real
+from client.secure import secagg_mod
+
+app = ClientApp()
+
+
+def _where(context: Context, run_dir: str, server_round: int, kind: str) -> Path:
+    path = Path(run_dir) / "observed" / f"round-{server_round}" / kind
+    path.mkdir(parents=True, exist_ok=True)
+    return path / f"{int(context.node_config['partition-id'])}.npz"
+
+
+def outer(msg: Message, context: Context, call_next) -> Message:
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    if configs is None or configs.get(Key.STAGE) != Stage.COLLECT_MASKED_VECTORS:
+        return call_next(msg, context)
+    fit_config = msg.content["fitins.config"]
+    server_round, n = int(fit_config["server-round"]), int(fit_config["num-clients"])
+    partition = int(context.node_config["partition-id"])
+    reply = call_next(msg, context)  # trains
+    if partition in ((2 * server_round) % n, (2 * server_round + 1) % n):
+        raise RuntimeError("simulated dropout in the middle of a secure round")
+    masked = [bytes_to_ndarray(b) for b in reply.content[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
+    np.savez(_where(context, str(fit_config["run-dir"]), server_round, "masked"), *masked)
+    return reply
+
+
+def inner(msg: Message, context: Context, call_next) -> Message:
+    reply = call_next(msg, context)
+    config = msg.content["config"]
+    delta = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    np.savez(_where(context, str(config["run-dir"]), int(config["server-round"]), "clipped"), **delta)
+    return reply
+
+
+@app.train(mods=[outer, secagg_mod, inner])
+def train(msg: Message, context: Context) -> Message:
+    return real.train(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return real.evaluate(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    return real.query(msg, context)

@@ -80,9 +80,21 @@ def finish(run_dir: Path, table: str) -> dict[str, Any]:
     return run.summary()
 
 
+def user_level_line(user: dict[str, Any]) -> str:
+    """The device-level guarantee, next to the record-level one."""
+    if not user.get("enabled"):
+        return "user-level privacy      off (a device's participation is not protected)"
+    eps = user.get("epsilon")
+    amplification = (f"Poisson participation q={user['sample_rate']:.3g}" if user["sampling"] == "poisson"
+                     else "fixed cohorts, no amplification claimed")
+    return (f"user-level privacy      DP-FedAvg per device, epsilon {'inf' if eps is None else f'{eps:.2f}'} "
+            f"(delta {user['delta']:g}) after {user['rounds']} rounds; noise multiplier "
+            f"{user['noise_multiplier']:.3g}, clip {user['clip']:g}, {amplification}")
+
+
 def privacy_line(privacy: dict[str, Any]) -> str:
     if not privacy.get("enabled"):
-        return "privacy                 off (no differential privacy)"
+        return "privacy                 off (no record-level differential privacy)"
     eps = privacy.get("epsilon")
     if not eps:
         return "privacy                 record-level DP on; no client reported"
@@ -119,6 +131,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"of the base model ({full / 2**20:.1f} MiB)",
         f"rejected replies        {summary['rejected_replies']}",
         privacy_line(summary.get("privacy", {})),
+        user_level_line(summary.get("user_level_privacy", {})),
+        f"secure aggregation      {'on (Flower SecAgg+): the server saw only sums' if summary.get('secure_aggregation') else 'off'}",
         f"rounds                  {summary['rounds']}, {summary['wall_seconds']:.0f}s",
     ]
     return "\n".join(lines)

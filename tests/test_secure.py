@@ -95,3 +95,34 @@ def test_secure_rounds_mask_each_update_sum_exactly_and_survive_dropouts(tmp_pat
     user = json.loads((run_dir / "privacy" / "user_level.json").read_text())
     assert user["rounds"] == 2 and user["epsilon"] is None and user["noise_multiplier"] == 0.0
     assert user["sample_rate"] == 1.0 and user["sampling"] == "fixed"
+
+
+def test_user_level_claim_is_reported_beside_record_level_and_audited(tmp_path, cache_dir, capsys):
+    from fedllm.cli import main
+
+    run_dir = tmp_path / "run"
+    assert main(["simulate", "--config", str(TINY), "--run-dir", str(run_dir), "--set", "secagg.enabled=true",
+                 "--set", "user-dp.enabled=true", "--set", "clients-per-round=4",
+                 "--set", "user-dp.noise-multiplier=1.5"]) == 0
+    out = capsys.readouterr().out
+    assert "record-level DP, epsilon" in out and "user-level privacy      DP-FedAvg per device" in out
+    assert "Poisson participation q=0.667" in out and "secure aggregation      on" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["privacy"]["enabled"] and summary["user_level_privacy"]["epsilon"] > 0
+    user = json.loads((run_dir / "privacy" / "user_level.json").read_text())
+    assert user["sampling"] == "poisson" and user["sample_rate"] == pytest.approx(4 / 6) and user["rounds"] == 2
+    assert "after secure aggregation" in user["noise_added_by"]
+
+    assert main(["audit", str(run_dir)]) == 0
+    assert "user-level: claimed" in capsys.readouterr().out
+
+    path = run_dir / "privacy" / "user_level.json"
+    for change, failing in [({"noise_multiplier": 3.0}, {"noise", "epsilon-pld"}),
+                            ({"rounds": 1}, {"rounds", "epsilon-pld"}),
+                            ({"sample_rate": 0.1}, {"sampling", "epsilon-pld"}),
+                            ({"sampling": "fixed"}, {"sampling"})]:
+        path.write_text(json.dumps({**user, **change}))
+        assert main(["audit", str(run_dir)]) == 1
+        failed = {line.split("check ")[1].split()[0] for line in capsys.readouterr().out.splitlines()
+                  if line.startswith("FAIL  client user-level")}
+        assert failing <= failed, (change, failed)

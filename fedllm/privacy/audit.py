@@ -61,6 +61,7 @@ class Audit:
     tolerance: float
     findings: list[Finding] = field(default_factory=list)
     epsilons: dict[str, ClientEpsilon] = field(default_factory=dict)
+    user_level: ClientEpsilon | None = None  # privacy/user_level.json, when the run has user-level DP
 
     @property
     def failures(self) -> list[Finding]:
@@ -68,7 +69,7 @@ class Audit:
 
     @property
     def clients(self) -> list[str]:
-        return sorted({f.client for f in self.findings if f.client != "run"})
+        return sorted({f.client for f in self.findings if f.client not in ("run", "user-level")})
 
     def status(self, client: str, check: str) -> str:
         got = [f.status for f in self.findings if f.client == client and f.check == check]
@@ -349,7 +350,7 @@ def audit_path(path: Path | str, tolerance: float = 0.01, state_dir: Path | str 
     if not path.exists():
         raise FedllmError(f"{path} does not exist; give a run directory or a client state store")
     reports_dir = path / "privacy" / "clients"
-    if reports_dir.is_dir():
+    if reports_dir.is_dir() or (path / "privacy" / "user_level.json").is_file():
         return _audit_run(path, tolerance, state_dir)
     ledgers = [path] if path.is_file() else sorted(path.glob("*/ledger.json")) or sorted(path.glob("ledger.json"))
     if not ledgers:
@@ -394,10 +395,15 @@ def _audit_run(run_dir: Path, tolerance: float, state_dir: Path | str | None) ->
         if isinstance(report, dict) and audit.status(str(report.get("client_id")), "fields") == "pass":
             reports[report["client_id"]] = report
             _check_device(audit, report, Path(state_dir) / safe_name(report["client_id"]) / "ledger.json")
-    if servers is not None:  # a client the server accepted updates from under DP must have reported
+    if servers is not None and config.get("privacy.enabled", True):  # accepted under DP: must have reported
         for client, record in sorted(servers.items()):
             if record.accepted and client not in reports and client not in audit.clients:
                 _Checker(audit, client)("fields", False, f"privacy/clients/{safe_name(client)}.json",
                                         f"missing: the server accepted updates in rounds {sorted(record.accepted)}")
-    _run_checks(audit, run_dir, reports, config)
+    if (run_dir / "privacy" / "clients").is_dir():
+        _run_checks(audit, run_dir, reports, config)
+    if (run_dir / "privacy" / "user_level.json").is_file():
+        from fedllm.privacy.audit_user import check_user_level
+
+        check_user_level(audit, run_dir, config)
     return audit

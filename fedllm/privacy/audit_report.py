@@ -53,6 +53,17 @@ def run_line(audit: Audit) -> str:
 HEADER = ["client", "claimed", "pld-eps", "rdp-eps", "target-eps"] + [SHORT[c] for c in CHECKS]
 
 
+def user_line(audit: Audit) -> str:
+    """The user-level claim (privacy/user_level.json), when the run has one."""
+    from fedllm.privacy.audit_user import SUBJECT, USER_CHECKS
+
+    if not any(f.client == SUBJECT for f in audit.findings):
+        return ""
+    e = audit.user_level
+    eps = (f"claimed {_fmt(e.claimed)}, pld {_fmt(e.pld)}, rdp {_fmt(e.rdp)}; " if e else "")
+    return "user-level: " + eps + ", ".join(f"{c} {MARK[audit.status(SUBJECT, c)]}" for c in USER_CHECKS)
+
+
 def failure_lines(audit: Audit) -> list[str]:
     return [f"FAIL  client {f.client}  check {f.check}  field {f.field or '-'}: {f.message}" for f in audit.failures]
 
@@ -62,9 +73,10 @@ def table(audit: Audit) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    user = " and the user-level claim" if user_line(audit) else ""
     verdict = (f"{len(audit.failures)} failed check(s)" if audit.failures
-               else f"all checks passed for {len(audit.clients)} client(s)")
-    return "\n".join([*lines, "", *filter(None, [run_line(audit)]), verdict, *failure_lines(audit)])
+               else f"all checks passed for {len(audit.clients)} client(s){user}")
+    return "\n".join([*lines, "", *filter(None, [run_line(audit), user_line(audit)]), verdict, *failure_lines(audit)])
 
 
 def _plots(audit: Audit, out: Path) -> list[Path]:
@@ -121,6 +133,8 @@ def _summary_lines(audit: Audit) -> list[str]:
     pld = [e.pld for e in audit.epsilons.values() if e.pld is not None]
     lines = [f"- Audited: `{audit.source}` ({audit.kind}), {len(audit.clients)} client(s); tolerance "
              f"{audit.tolerance:.1%} between the client's accountant and dp-accounting PLD."]
+    if user_line(audit):
+        lines.append(f"- {user_line(audit)}")
     if pld:
         lines.append(f"- Recomputed epsilon (PLD): min {min(pld):.3f}, median {statistics.median(pld):.3f}, "
                      f"max {max(pld):.3f}.")

@@ -152,8 +152,9 @@ class Rounds:
 
     def plain_collect(self, server_round: int, strategy, nodes: list[int]) -> tuple[dict[str, Any], list[Message]]:
         grid = SampledGrid(self.grid, nodes)
-        messages = strategy.configure_train(server_round, self.arrays, self._config_record(server_round), grid)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout))
+        messages = (strategy.configure_train(server_round, self.arrays, self._config_record(server_round), grid)
+                    if nodes else [])  # a Poisson draw can be empty; the strategy would wait for nodes
+        replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout)) if messages else []
         accepted, dropped, declined = [], [], []
         for msg in replies:
             node = msg.metadata.src_node_id

@@ -35,7 +35,8 @@ def run_arm(overrides: dict, secagg: bool, rounds: int) -> tuple[list[float], li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=4, help="rounds per simulation (the last, evaluated, is not timed)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="rounds per simulation (the last, evaluated, is not timed)")
     parser.add_argument("--repeats", type=int, default=2, help="off/on pairs")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()

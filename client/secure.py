@@ -12,6 +12,8 @@ record-level epsilon report); the delta itself never does.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
@@ -75,4 +77,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     """Flower's SecAgg+ mod for secure rounds; plain training otherwise."""
     if not is_secure(msg):
         return call_next(msg, context)
+    flwr_log = logging.getLogger("flwr")
+    if flwr_log.getEffectiveLevel() < logging.INFO:  # Flower logs every stage of every node at DEBUG
+        flwr_log.setLevel(logging.INFO)
     return secaggplus_mod(msg, context, _train_in_fedllm_format(call_next))

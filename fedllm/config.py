@@ -157,7 +157,8 @@ class SecAggConfig:
 class UserDPConfig:
     enabled: bool = _key(False, None, "true or false",
                          "user-level DP (DP-FedAvg): clip each client's delta, Gaussian noise on the sum")
-    clip: float = _key(0.05, *POS_FLOAT, doc="L2 bound on a client's whole adapter delta")
+    clip: float = _key(5.0, *POS_FLOAT, doc="L2 bound on a client's whole adapter delta "
+                                            "(default: about the median norm in round 1 of the default experiment)")
     noise_multiplier: float = _key(1.0, *NON_NEG_FLOAT, doc="noise std = this * clip, on the sum of deltas")
     target_epsilon: float = _key(0.0, *NON_NEG_FLOAT,
                                  doc="> 0: choose the noise multiplier that spends this over num-server-rounds")

@@ -124,15 +124,17 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"personalisation '{p['method']}' beats global on {100 * p['beats_global_fraction']:.0f}% "
                      f"of {p['clients']} clients ({p['declined']} declined for budget)")
     up, full = summary["upload_bytes_per_client_round"], summary["base_model_bytes"]
+    secure = summary.get("secure_aggregation", False)
     lines += [
         "",
         f"clients evaluated       {len(summary['evaluated_clients'])} (same clients for base and global)",
-        f"upload per client/round {up / 1024:.1f} KiB of adapter deltas = {100 * up / full:.2f}% "
+        f"upload per client/round {up / 1024:.1f} KiB of {'SecAgg+ traffic' if secure else 'adapter deltas'} = "
+        f"{100 * up / full:.2f}% "
         f"of the base model ({full / 2**20:.1f} MiB)",
         f"rejected replies        {summary['rejected_replies']}",
         privacy_line(summary.get("privacy", {})),
         user_level_line(summary.get("user_level_privacy", {})),
-        f"secure aggregation      {'on (Flower SecAgg+): the server saw only sums' if summary.get('secure_aggregation') else 'off'}",
+        "secure aggregation      " + ("on (Flower SecAgg+): the server saw only sums" if secure else "off"),
         f"rounds                  {summary['rounds']}, {summary['wall_seconds']:.0f}s",
     ]
     return "\n".join(lines)

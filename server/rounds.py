@@ -331,7 +331,8 @@ class Rounds:
         atomic.write_bytes(path / "strategy.pkl", pickle.dumps(strategy))
         atomic.write_json(path / "server-state.json", {
             "round": server_round, "run_id": self.run_id, "declined": self.declined, "rejected": self.rejected,
-            "upload": self.upload, "sampling_seed": self.sampling_seed, "small_cohort_rounds": self.small_cohort_rounds})
+            "upload": self.upload, "sampling_seed": self.sampling_seed,
+            "small_cohort_rounds": self.small_cohort_rounds})
         atomic.write_json(self.run.path / "checkpoints" / "latest.json", {"round": server_round})
 
     def resume(self, strategy):

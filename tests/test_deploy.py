@@ -115,9 +115,10 @@ def _ledger_rounds(path: Path) -> list[int]:
 
 
 def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir):
-    """Three devices with TLS and node authentication; an unregistered node is refused;
-    the server is killed after round 1 and restarted, and finishes from its checkpoint;
-    a device killed with SIGKILL while training in round 2 does not stall the run, and its
+    """Three devices with TLS and node authentication, secure aggregation (SecAgg+) and
+    user-level DP on; an unregistered node is refused; the server is killed after round 1
+    and restarted, and finishes from its checkpoint; a device killed with SIGKILL while
+    training in round 2 drops out of that secure round without stalling it, and its
     ledger holds the round it was killed in."""
     certs = tmp_path / "certs"
     assert main(["certs", str(certs), "--nodes", "4"]) == 0
@@ -129,7 +130,8 @@ def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir):
     server_args = ["server", "--certs", str(certs), "--nodes", str(certs / "nodes"), "--run-dir", str(run_dir),
                    "--config", str(TINY), "--port", str(port), "--set", "num-clients=3", "--set",
                    "clients-per-round=3", "--set", "evaluate.num-clients=3", "--set", "evaluate.every=2",
-                   "--set", "round-timeout=60",
+                   "--set", "round-timeout=60", "--set", "secagg.enabled=true", "--set", "user-dp.enabled=true",
+                   "--set", "user-dp.sampling=fixed",
                    # noise for 3 participations: a round 2 cut short by the crash is charged again when redone
                    "--set", "privacy.planned-rounds=3"]
 
@@ -173,6 +175,8 @@ def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir):
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert sorted(rounds[1]["train"]["clients"]) == sorted(p.stem for p in devices)
     assert sorted(rounds[2]["train"]["clients"]) == sorted(p.stem for p in devices[:2])  # the round went on
+    assert rounds[1]["train"]["secagg"]["contributed"] == 3 and rounds[2]["train"]["secagg"]["dropped_out"] == 1
+    assert json.loads((run_dir / "privacy" / "user_level.json").read_text())["rounds"] == 2
     assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2
     # The killed device's ledger kept the round it died in (it over-reports, never under-reports), and a
     # restarted daemon opens it as it is: the hash chain is intact.

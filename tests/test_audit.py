@@ -72,12 +72,14 @@ def test_ledger_refuses_a_broken_chain_and_upgrades_version_1(tmp_path):
 
 @pytest.fixture(scope="module")
 def private_run(tmp_path_factory, cache_dir) -> Path:
-    """A private run with sampling (3 of 6 clients a round) and personalisation."""
+    """A private run with sampling (3 of 6 clients a round) and personalisation; record-
+    and user-level DP, under secure aggregation."""
     from simulations.runner import load_experiment, simulate
 
     run_dir = tmp_path_factory.mktemp("audited") / "run"
     simulate(load_experiment(TINY, {"privacy.target-epsilon": 4.0, "personal.method": "finetune",
-                                    "personal.steps": 2}), run_dir)
+                                    "personal.steps": 2, "secagg.enabled": True, "user-dp.enabled": True,
+                                    "user-dp.sampling": "fixed", "user-dp.noise-multiplier": 1.5}), run_dir)
     return run_dir
 
 
@@ -208,3 +210,27 @@ def test_canary_audit_end_to_end(tmp_path, cache_dir, capsys):
     sent = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[1])["train"]["clients"]
     kept = sorted(p.stem for p in (run_dir / "audit" / "updates" / "round-1" / "deltas").glob("*.safetensors"))
     assert kept == sorted(sent) and (run_dir / "audit" / "updates" / "round-1" / "global.safetensors").exists()
+
+
+def test_user_level_claim_is_reported_beside_record_level_and_audited(private_run, tmp_path, capsys):
+    summary = json.loads((private_run / "summary.json").read_text())
+    assert summary["privacy"]["enabled"] and summary["secure_aggregation"]
+    text = (private_run / "summary.txt").read_text()
+    assert "record-level DP, epsilon" in text and "user-level privacy      DP-FedAvg per device" in text
+    assert "fixed cohorts, no amplification claimed" in text and "secure aggregation      on" in text
+    user = json.loads((private_run / "privacy" / "user_level.json").read_text())
+    assert user["sampling"] == "fixed" and user["sample_rate"] == 1.0 and user["rounds"] == 2
+    assert "after secure aggregation" in user["noise_added_by"] and user["epsilon"] == summary["user_level_privacy"][
+        "epsilon"]
+    assert main(["audit", str(private_run), "--out", str(tmp_path / "a")]) == 0
+    assert "user-level: claimed" in capsys.readouterr().out
+
+    for change, failing in [({"noise_multiplier": 3.0}, {"noise", "epsilon-pld"}),
+                            ({"rounds": 1}, {"rounds", "epsilon-pld"}),
+                            ({"sample_rate": 0.1}, {"sampling", "epsilon-pld"}),
+                            ({"sampling": "poisson"}, {"sampling"}),
+                            ({"delta": 0.5}, {"delta", "epsilon-pld"})]:
+        copy = _tampered(private_run, tmp_path / str(len(change)) / next(iter(change)), "privacy/user_level.json",
+                         lambda data, change=change: data.update(change))
+        failed = {check for client, check, _ in _failed(copy) if client == "user-level"}
+        assert failing <= failed, (change, failed)

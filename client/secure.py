@@ -57,8 +57,7 @@ def _to_fitres(reply: RecordDict, global_arrays: ArrayRecord, keys: list[str], w
 
 def _train_in_fedllm_format(call_next: ClientAppCallable) -> ClientAppCallable:
     def call(msg: Message, context: Context) -> Message:
-        legacy = msg.content
-        msg.content, keys = _from_fitins(legacy)
+        msg.content, keys = _from_fitins(msg.content)
         global_arrays = msg.content["arrays"]
         user_dp = bool(msg.content["config"].get("user-dp.enabled", False))
         reply = call_next(msg, context)

@@ -23,6 +23,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 KEYS_FIELD = "adapter-keys"  # server.secure.KEYS_FIELD
+REQUIRE = "require-secagg"  # node config: this device never uploads an unmasked update
+
+
+class SecureAggregationRequired(RuntimeError):
+    """A plain training request reached a device whose operator requires SecAgg+."""
 
 
 def is_secure(msg: Message) -> bool:
@@ -73,8 +78,14 @@ def _train_in_fedllm_format(call_next: ClientAppCallable) -> ClientAppCallable:
 
 
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's SecAgg+ mod for secure rounds; plain training otherwise."""
+    """Flower's SecAgg+ mod for secure rounds; plain training otherwise, unless the
+    device's operator requires secure aggregation (`fedllm client --require-secagg`):
+    then the device refuses before training, so nothing is charged or sent."""
     if not is_secure(msg):
+        if context.node_config.get(REQUIRE, False):
+            raise SecureAggregationRequired(
+                "this device requires secure aggregation (started with --require-secagg); the server asked for a "
+                "plain update: run the server with secagg.enabled=true")
         return call_next(msg, context)
     flwr_log = logging.getLogger("flwr")
     if flwr_log.getEffectiveLevel() < logging.INFO:  # Flower logs every stage of every node at DEBUG

@@ -6,7 +6,7 @@
     fedllm audit canary [--config FILE] [--set KEY=VALUE ...] --run-dir DIR [--canaries M] [--guesses R]
     fedllm certs DIR [--nodes N] [--host HOST ...]
     fedllm server --certs DIR | --ca-cert F --cert F --key F  --nodes DIR --run-dir DIR [--config FILE] [--set ...]
-    fedllm client --superlink HOST:PORT --ca-cert F --key F --data PATH --state-dir DIR
+    fedllm client --superlink HOST:PORT --ca-cert F --key F --data PATH --state-dir DIR [--require-secagg]
     fedllm keys
 """
 
@@ -140,7 +140,8 @@ def cmd_client(args: argparse.Namespace) -> int:
     from fedllm.deploy.daemon import run_daemon
 
     run_daemon(superlink=args.superlink, ca_cert=args.ca_cert, key=args.key, data=args.data,
-               state_dir=args.state_dir, client_id=args.client_id, port=args.port)
+               state_dir=args.state_dir, client_id=args.client_id, port=args.port,
+               require_secagg=args.require_secagg)
     return 0  # not reached: the daemon became the SuperNode
 
 
@@ -227,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--client-id", default="", help="name of this client (default: the data file's name)")
     client.add_argument("--port", type=int, default=9094, help="local port for the ClientApp process (9094; "
                                                                "distinct per daemon on one machine)")
+    client.add_argument("--require-secagg", action="store_true",
+                        help="refuse to train for a server that does not use secure aggregation: this device's "
+                             "update then never leaves it unmasked")
     client.set_defaults(func=cmd_client)
 
     keys = sub.add_parser("keys", help="list every config key with its default")

@@ -115,3 +115,37 @@ def test_poisson_participation_is_independent_with_the_claimed_rate():
         UserLevel.for_run(config.with_values({"user-dp.delta": 0.05}), population=80)
     calibrated = UserLevel.for_run(config.with_values({"user-dp.target-epsilon": 2.0}), population=80)
     assert calibrated.epsilon(5) <= 2.0 and calibrated.epsilon(5) == pytest.approx(2.0, rel=0.02)
+
+
+def test_a_device_that_requires_secure_aggregation_refuses_plain_training(tmp_path, monkeypatch):
+    from flwr.app import Context, Message, MessageType, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.secure import SecureAggregationRequired, secagg_mod
+    from fedllm.deploy.daemon import supernode_command
+
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+    trained = []
+
+    def train(msg, context):
+        trained.append(msg)
+        return msg
+
+    plain = Message(content=RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
+
+    def context(node_config):
+        return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+    with pytest.raises(SecureAggregationRequired, match="secagg.enabled=true"):
+        secagg_mod(plain, context({"require-secagg": True}), train)
+    assert not trained  # refused before any training (and any ledger charge)
+    assert secagg_mod(plain, context({}), train) is plain
+
+    data = tmp_path / "device.txt"
+    data.write_text("\n".join(f"line {i} of my own text" for i in range(30)))
+    (tmp_path / "ca.crt").write_text("x")
+    (tmp_path / "key").write_text("x")
+    command = supernode_command(superlink="127.0.0.1:1", ca_cert=tmp_path / "ca.crt", key=tmp_path / "key",
+                                data=data, state_dir=tmp_path / "s", require_secagg=True)
+    assert "require-secagg=true" in command[command.index("--node-config") + 1]

@@ -18,7 +18,7 @@ from fedllm.errors import FedllmError
 
 
 def supernode_command(*, superlink: str, ca_cert: Path, key: Path, data: Path, state_dir: Path,
-                      client_id: str = "", port: int = 9094) -> list[str]:
+                      client_id: str = "", port: int = 9094, require_secagg: bool = False) -> list[str]:
     from fedllm.data.corpus import device_client
 
     ca_cert = processes.require_file(ca_cert, "server CA certificate", "--ca-cert")
@@ -32,6 +32,8 @@ def supernode_command(*, superlink: str, ca_cert: Path, key: Path, data: Path, s
     node_config = {"data-path": str(data), "state-dir": str(state_dir)}
     if client_id:
         node_config["client-id"] = client_id
+    if require_secagg:  # client.secure.REQUIRE
+        node_config["require-secagg"] = True
     print(f"device {device.client_id}: {device.num_records} training records from {data}; state in {state_dir}",
           flush=True)
     return ["flower-supernode", "--superlink", superlink, "--root-certificates", str(ca_cert),

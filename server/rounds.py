@@ -310,12 +310,20 @@ class Rounds:
                       "quantization": "stochastic rounding; per round, metrics.jsonl train.secagg.quantization holds "
                                       "the error bound of that round's sum",
                       "small_cohort_rounds": self.small_cohort_rounds,
+                      "small_cohort_probability_per_round": self._small_cohort_probability(),
                       "small_cohort_note": "rounds whose sample was too small for secure aggregation released the "
                                            "noise alone; the accounting above does not charge for that choice"}
         report = {"enabled": True, "run_id": self.run_id,
                   **self.user_level.report(rounds, self.config.num_server_rounds, secagg)}
         atomic.write_json(self.run.path / "privacy" / "user_level.json", report)
         return report
+
+    def _small_cohort_probability(self) -> float:
+        """P(a round's Poisson sample has fewer than 3 clients): how often the noise-alone rule can apply."""
+        from scipy.stats import binom
+
+        u = self.user_level
+        return float(binom.cdf(2, u.population, u.sample_rate)) if u.sampling == "poisson" else 0.0
 
     def checkpoint(self, server_round: int) -> Path:
         path = self.run.checkpoint(server_round)

@@ -51,16 +51,6 @@ def inner(msg: Message, context: Context, call_next) -> Message:
     return reply
 
 
-@app.train(mods=[outer, secagg_mod, inner])
-def train(msg: Message, context: Context) -> Message:
-    return real.train(msg, context)
-
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    return real.evaluate(msg, context)
-
-
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    return real.query(msg, context)
+app.train(mods=[outer, secagg_mod, inner])(real.train)
+app.evaluate()(real.evaluate)
+app.query()(real.query)

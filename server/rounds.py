@@ -94,10 +94,12 @@ class Rounds:
     def train_round(self, server_round: int, strategy, nodes: list[int]) -> dict[str, Any]:
         """Sample -> train -> validate -> aggregate one round; its metrics.jsonl record."""
         if self.config.secagg.enabled:
-            record, total, contributors = self.secure_collect(server_round, nodes)
+            record, mean, contributors = self.secure_collect(server_round, nodes)
+            # every weight is 1 under user-level DP: mean * contributors is the sum
+            total = {k: v * contributors for k, v in mean.items()} if mean is not None and self.user_level else None
         else:
             record, accepted = self.plain_collect(server_round, strategy, nodes)
-            total, contributors = None, len(accepted)
+            mean, total, contributors = None, None, len(accepted)
             if self.user_level is not None:
                 total = self._sum([{k: v.numpy() for k, v in m.content["arrays"].items()} for m in accepted])
             elif accepted:
@@ -112,8 +114,8 @@ class Rounds:
                 {k: torch.from_numpy(v) for k, v in total.items()}))
             record["user_dp"] = {"contributors": contributors, "denominator": self.user_level.denominator,
                                  "noise_std": self.user_level.noise_std}
-        elif self.config.secagg.enabled and total is not None and contributors:
-            self._apply(strategy, server_round, {k: torch.from_numpy(v / contributors) for k, v in total.items()})
+        elif mean is not None and contributors:  # secure aggregation without user-level DP
+            self._apply(strategy, server_round, {k: torch.from_numpy(v) for k, v in mean.items()})
         if not contributors:
             log.warning("round %d: no acceptable replies; global adapter unchanged%s", server_round,
                         " but for the noise" if self.user_level else "")
@@ -189,7 +191,7 @@ class Rounds:
         }, accepted
 
     def secure_collect(self, server_round: int, nodes: list[int]):
-        """A SecAgg+ round: (record, sum of the contributed deltas or None, contributors).
+        """A SecAgg+ round: (record, mean of the contributed deltas or None, contributors).
 
         Masked updates cannot be dropped one by one; a reply's plain fields are still
         checked, and the sum is rejected whole if the protocol fails."""
@@ -215,7 +217,7 @@ class Rounds:
         upload = [result.upload_bytes.get(n, 0) for n in nodes if n in result.replies]
         self.upload.extend(upload)
         contributors = len(result.replies) if result.mean is not None else 0
-        total = {k: v * contributors for k, v in result.mean.items()} if result.mean is not None else None
+        done = result.mean is not None
         secagg: dict[str, Any] = {"shares": result.shares, "threshold": result.threshold,
                                   "sampled": result.sampled, "contributed": len(result.replies),
                                   "dropped_out": result.sampled - len(result.replies),
@@ -227,14 +229,14 @@ class Rounds:
                 self.small_cohort_rounds.append(server_round)
         return {
             "sampled": [self.node_client.get(n, "?") for n in nodes],
-            "clients": answered if total is not None else [],
-            "train_loss": losses if total is not None else [],
-            "steps": steps if total is not None else [],
+            "clients": answered if done else [],
+            "train_loss": losses if done else [],
+            "steps": steps if done else [],
             "upload_bytes": upload,
             "dropped": flagged,
             "declined": declined,
             "secagg": secagg,
-        }, total, contributors
+        }, result.mean, contributors
 
     def evaluate(self, server_round: int, nodes: list[int], personalise: bool = False) -> dict[str, Any]:
         config = self._config_record(server_round)

@@ -41,9 +41,10 @@ def backend_config(config: Config) -> dict[str, Any]:
 def check_before_start(config: Config) -> None:
     """Refuse, before any worker starts, what every client (or the server) would refuse anyway."""
     clients = load_clients(config)
-    if config.user_dp.enabled and config.user_dp.delta >= 1.0 / len(clients):
-        raise ConfigError(f"user-dp.delta={config.user_dp.delta:g} is not below 1/{len(clients)} for {len(clients)} "
-                          f"clients; use user-dp.delta < {1.0 / len(clients):.3g}")
+    if config.user_dp.enabled:
+        from fedllm.privacy.user_level import check_delta
+
+        check_delta(config.user_dp.delta, len(clients))
     if config.privacy.enabled:
         largest = max(clients, key=lambda c: c.num_records)
         if config.privacy.delta >= 1.0 / largest.num_records:

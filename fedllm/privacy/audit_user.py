@@ -22,30 +22,20 @@ USER_REQUIRED = {"noise_multiplier": float, "clip": float, "sampling": str, "sam
                  "noise_std": float}
 
 
-def _number(value: Any, kind: type) -> bool:
-    if isinstance(value, bool):
-        return False
-    if kind is int:
-        return isinstance(value, int)
-    if kind is float:
-        return isinstance(value, (int, float)) and math.isfinite(value)
-    return isinstance(value, kind)
-
-
 def _train_records(run_dir: Path) -> list[dict[str, Any]]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [m for m in map(json.loads, filter(str.strip, lines)) if "train" in m]
 
 
 def check_user_level(audit, run_dir: Path, config: Mapping[str, Any]) -> None:
-    from fedllm.privacy.audit import ClientEpsilon, _Checker, _read_json, _recompute
+    from fedllm.privacy.audit import ClientEpsilon, _Checker, _read_json, _recompute, _type_ok
 
     check = _Checker(audit, SUBJECT)
     report, why = _read_json(run_dir / "privacy" / "user_level.json")
     if not isinstance(report, dict):
         check("fields", False, "privacy/user_level.json", why or "not a JSON object")
         return
-    bad = [k for k, kind in USER_REQUIRED.items() if not _number(report.get(k), kind)]
+    bad = [k for k, kind in USER_REQUIRED.items() if not _type_ok(report.get(k), kind)]
     if not check("fields", not bad, ",".join(bad), f"missing or mistyped: {bad}"):
         return
     sigma, clip, q, rounds = report["noise_multiplier"], report["clip"], report["sample_rate"], report["rounds"]

@@ -49,6 +49,15 @@ def clip_delta(delta: dict[str, torch.Tensor], clip: float) -> tuple[dict[str, t
     return {k: (t * scale).to(torch.float32) for k, t in delta.items()}, norm
 
 
+def check_delta(delta: float, population: int) -> None:
+    """User-level delta must be below 1/(number of clients), or one device may be exposed outright."""
+    from fedllm.errors import ConfigError
+
+    if delta >= 1.0 / population:
+        raise ConfigError(f"user-dp.delta={delta:g} is not below 1/{population} for {population} clients; "
+                          f"use user-dp.delta < {1.0 / population:.3g}")
+
+
 @lru_cache(maxsize=256)
 def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float, accountant: str = "prv") -> float:
     """Epsilon of `rounds` Gaussian rounds, Poisson-subsampled at `sample_rate` (1.0: none)."""
@@ -85,13 +94,10 @@ class UserLevel:
 
     @classmethod
     def for_run(cls, config: Config, population: int) -> "UserLevel":
-        from fedllm.errors import ConfigError
         from fedllm.privacy.accounting import calibrate
 
         u = config.user_dp
-        if u.delta >= 1.0 / population:
-            raise ConfigError(f"user-dp.delta={u.delta:g} is not below 1/{population} for {population} clients; "
-                              f"use user-dp.delta < {1.0 / population:.3g}")
+        check_delta(u.delta, population)
         k = min(config.clients_per_round, population)
         q = k / population if u.sampling == "poisson" else 1.0
         sigma = u.noise_multiplier

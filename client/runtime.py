@@ -85,6 +85,35 @@ class Update:
     declined: str = ""
 
 
+def existing_ledger(config: Config, data: ClientData):
+    """The client's ledger if it has one (None before its first private round); never creates one."""
+    from fedllm.privacy.ledger import Ledger
+    from fedllm.state import StateStore, state_root
+
+    path = StateStore(state_root(config), data.client_id).ledger_path
+    if not path.exists():
+        return None
+    ledger = Ledger.load(path)
+    if ledger.client_id != data.client_id:
+        from fedllm.privacy.ledger import LedgerError
+
+        raise LedgerError(f"{path} belongs to client {ledger.client_id}, not {data.client_id}")
+    return ledger
+
+
+def refused(config: Config, data: ClientData, policy) -> tuple[str, dict | None]:
+    """(why this device refuses the request, or "", and its unchanged report if it has a ledger).
+    Nothing is charged, trained or written here."""
+    from fedllm.privacy.policy import refusal
+    from fedllm.privacy.report import client_report
+
+    ledger = existing_ledger(config, data) if config.privacy.enabled else None
+    why = refusal(policy, config, ledger, data.num_records)
+    if why and ledger is not None:
+        return why, client_report(ledger, declined=why)
+    return why, None
+
+
 def open_ledger(config: Config, data: ClientData):
     from fedllm.config import planned_steps
     from fedllm.privacy.engine import poisson_sample_rate
@@ -114,52 +143,63 @@ def _train_steps(config: Config, worker: Worker, examples, steps: int, lr: float
     if ledger is None:
         return train_local(worker.model, loader, optimizer, steps, proximal_mu, anchor, after_step)
     before = trainable_snapshot(worker.model)
-    private = make_private(worker.model, optimizer, loader, ledger.noise_multiplier, config.privacy.max_grad_norm)
+    private = make_private(worker.model, optimizer, loader, ledger.noise_multiplier, ledger.max_grad_norm,
+                           charged_rate=ledger.sample_rate)
     try:
         result = train_local(worker.model, private.loader, private.optimizer, steps, proximal_mu, anchor)
+        private.check_charged(ledger.noise_multiplier, ledger.sample_rate, steps, ledger.max_grad_norm)
     finally:
         private.close()
     check_adapter_moved(before, trainable_snapshot(worker.model))
     return result
 
 
-def _charge_or_decline(ledger, charges) -> str:
-    """Charge the ledger for `charges` (before any step), or say why the client declines."""
-    affordable, after = ledger.affordable(charges)
+def _charge_or_decline(ledger, charges, target: float) -> str:
+    """Charge the ledger for `charges` (before any step), or say why the client declines.
+    `target` is the ledger's, or a stricter one the server asked for."""
+    cap = min(target, ledger.target_epsilon)
+    affordable, after = ledger.affordable(charges, cap)
     if not affordable:
         return (f"declined: this would bring epsilon to {after:.3f}, over the target "
-                f"{ledger.target_epsilon:g} (spent so far {ledger.epsilon():.3f})")
+                f"{cap:g} (spent so far {ledger.epsilon():.3f})")
     ledger.charge(charges)  # before training: a crash can only over-report
     return ""
 
 
 def train_client(config: Config, partition_id: int, global_state: dict[str, torch.Tensor],
-                 server_round: int, proximal_mu: float = 0.0, run_id: str = "") -> Update:
-    """One client round: apply the global adapter, train locally (privately when DP is
-    on, after charging the ledger), return the delta."""
+                 server_round: int, proximal_mu: float = 0.0, run_id: str = "", policy=None) -> Update:
+    """One client round: check the request against the device's policy, apply the global
+    adapter, train locally (privately when DP is on, after charging the ledger), return
+    the delta. A refused request charges and trains nothing."""
     from fedllm.model import adapter_state, load_adapter_state
+    from fedllm.privacy.policy import DevicePolicy
     from fedllm.privacy.report import client_report
 
-    worker = worker_for(config)
     data = client_data(config, partition_id)
+    why, report = refused(config, data, policy or DevicePolicy.from_config(config))
+    if why:
+        return Update(data, None, None, report, declined=why)
+    worker = worker_for(config)
     train_examples, _ = examples_for(worker, data, config.model.max_length)
     load_adapter_state(worker.model, global_state)
 
     ledger = open_ledger(config, data) if config.privacy.enabled else None
     if ledger is not None:
-        declined = _charge_or_decline(ledger, [ledger.next_charge(server_round, config.local_steps, run=run_id)])
+        declined = _charge_or_decline(ledger, [ledger.next_charge(server_round, config.local_steps, run=run_id)],
+                                      config.privacy.target_epsilon)
         if declined:
-            return Update(data, None, None, client_report(ledger, declined=declined), declined=declined)
+            return Update(data, None, None, client_report(ledger, declined, config.privacy.target_epsilon),
+                          declined=declined)
     result = _train_steps(config, worker, train_examples, config.local_steps, config.train.lr,
                           client_seed(config.seed, server_round, data.client_id), ledger, proximal_mu)
     local = adapter_state(worker.model)
     delta = {k: local[k] - global_state[k].to(torch.float32) for k in local}
-    return Update(data, delta, result, client_report(ledger) if ledger else None)
+    return Update(data, delta, result, client_report(ledger, "", config.privacy.target_epsilon) if ledger else None)
 
 
 def personalise_client(config: Config, partition_id: int, global_state: dict[str, torch.Tensor],
                        server_round: int, global_metrics: dict[str, float] | None = None,
-                       run_id: str = "") -> tuple[dict[str, float], dict | None]:
+                       run_id: str = "", policy=None) -> tuple[dict[str, float], dict | None]:
     """Personalise per `personal.method` and train the local-only baseline, both on this
     client's records (privately, charged, when DP is on); held-out metrics of both.
 
@@ -184,13 +224,20 @@ def personalise_client(config: Config, partition_id: int, global_state: dict[str
     load_adapter_state(worker.model, global_state)
     if global_metrics is None:  # the evaluate handler has them already
         global_metrics = evaluate(worker.model, heldout, batch, pad)
+    from fedllm.privacy.policy import DevicePolicy
+
+    why, report = refused(config, data, policy or DevicePolicy.from_config(config))
+    if why:  # the device keeps the global adapter and charges nothing
+        return ({**metrics("personal", global_metrics), **metrics("local", global_metrics),
+                 "personal-declined": 1.0}, report)
     ledger = open_ledger(config, data) if config.privacy.enabled else None
     if ledger is not None:
         declined = _charge_or_decline(ledger, [ledger.next_charge(server_round, p.steps, "personal", run_id),
-                                               ledger.next_charge(server_round, p.steps, "local-only", run_id)])
+                                               ledger.next_charge(server_round, p.steps, "local-only", run_id)],
+                                      config.privacy.target_epsilon)
         if declined:  # the device keeps the global adapter; report that
             return ({**metrics("personal", global_metrics), **metrics("local", global_metrics),
-                     "personal-declined": 1.0}, client_report(ledger, declined=declined))
+                     "personal-declined": 1.0}, client_report(ledger, declined, config.privacy.target_epsilon))
 
     def seed(kind: str) -> int:
         return client_seed(config.seed, server_round, f"{data.client_id}/{kind}")
@@ -236,7 +283,7 @@ def personalise_client(config: Config, partition_id: int, global_state: dict[str
     else:
         personal_metrics = global_metrics
     load_adapter_state(worker.model, global_state)
-    report = client_report(ledger) if ledger is not None else None
+    report = client_report(ledger, "", config.privacy.target_epsilon) if ledger is not None else None
     return {**metrics("personal", personal_metrics), **metrics("local", local_metrics), "personal-declined": 0.0}, report
 
 

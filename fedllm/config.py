@@ -129,7 +129,8 @@ class PersonalConfig:
 @dataclass(frozen=True)
 class PrivacyConfig:
     enabled: bool = _key(True, None, "true or false", "record-level DP-SGD on every client")
-    target_epsilon: float = _key(8.0, *POS_FLOAT, doc="per-client epsilon budget over its whole life")
+    target_epsilon: float = _key(8.0, lambda v: 0 < v <= 100, "a number in (0, 100]",
+                                 "per-client epsilon budget over its whole life")
     delta: float = _key(1e-5, *FRACTION, doc="per-client delta; must be below 1/n for n records")
     max_grad_norm: float = _key(1.0, *POS_FLOAT, doc="per-record gradient clipping bound")
     planned_rounds: int = _key(0, *NON_NEG_INT, doc="participations the noise is calibrated for; 0: auto")

@@ -4,6 +4,7 @@ base-vs-global table from the run directory.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from importlib import resources
@@ -61,6 +62,7 @@ def simulate(config: Config, run_dir: Path, client_app=None) -> dict[str, Any]:
     """
     from flwr.simulation import run_simulation
 
+    from client.app import LOCAL_CONFIG_ENV
     from server.app import make_server_app
 
     if client_app is None:
@@ -70,12 +72,21 @@ def simulate(config: Config, run_dir: Path, client_app=None) -> dict[str, Any]:
     resolve_base(config)  # build the built-in base once, here, with a progress bar
     logging.getLogger("flwr").setLevel(logging.WARNING)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    run_simulation(
-        server_app=make_server_app(config, run_dir),
-        client_app=client_app,
-        num_supernodes=config.num_clients,
-        backend_config=backend_config(config),
-    )
+    # Each simulated device's own config (its policy, paths): Ray's workers inherit the environment.
+    previous = os.environ.get(LOCAL_CONFIG_ENV)
+    os.environ[LOCAL_CONFIG_ENV] = json.dumps(config.with_values({"run-dir": str(run_dir)}).to_flat())
+    try:
+        run_simulation(
+            server_app=make_server_app(config, run_dir),
+            client_app=client_app,
+            num_supernodes=config.num_clients,
+            backend_config=backend_config(config),
+        )
+    finally:
+        if previous is None:
+            os.environ.pop(LOCAL_CONFIG_ENV, None)
+        else:
+            os.environ[LOCAL_CONFIG_ENV] = previous
     run = RunDir(run_dir)
     if not run.summary_file.exists():
         raise RuntimeError(f"the simulation ended without writing {run.summary_file}; see the log above")

@@ -40,11 +40,51 @@ def epsilon(charges: Sequence[Charge], delta: float, accountant: str = "prv") ->
     return float(acc.get_epsilon(delta=delta))
 
 
-@lru_cache(maxsize=256)
-def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv") -> float:
-    """The noise multiplier that spends `target_epsilon` over `steps` steps (to within
-    0.5%, never above). Cached: clients of similar size share a sample rate."""
-    from opacus.accountants.utils import get_noise_multiplier
+MIN_NOISE_MULTIPLIER = 0.3  # below this, calibration's accountants slow without bound, and no privacy is left
+CALIBRATION_SECONDS = 60.0
 
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=accountant, epsilon_tolerance=0.005))
+
+@lru_cache(maxsize=256)
+def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv",
+              time_limit: float = CALIBRATION_SECONDS) -> float:
+    """The noise multiplier that spends `target_epsilon` over `steps` steps (to within
+    0.5%, never above), at least MIN_NOISE_MULTIPLIER (more noise than the target needs
+    is still honest). Opacus' bisection, bounded below and in time. Cached: clients of
+    similar size share a sample rate."""
+    import time
+
+    from opacus.accountants import create_accountant
+
+    from fedllm.privacy.engine import PrivacyError
+
+    acc = create_accountant(accountant)
+    deadline = time.monotonic() + time_limit
+
+    def eps(sigma: float) -> float:
+        if time.monotonic() > deadline:
+            raise PrivacyError(f"noise calibration for epsilon {target_epsilon:g} took over {time_limit:g}s; "
+                               "lower privacy.target-epsilon or raise privacy.planned-rounds")
+        acc.history = [(sigma, sample_rate, steps)]
+        try:
+            return float(acc.get_epsilon(delta=delta))
+        except (MemoryError, ValueError, OverflowError) as exc:
+            raise PrivacyError(f"noise calibration failed at noise multiplier {sigma:g} ({exc!r}); lower "
+                               "privacy.target-epsilon or use privacy.accountant=rdp") from exc
+
+    low, high = 0.0, 20.0  # Opacus' search, step for step: the same multiplier as get_noise_multiplier
+    while (eps_high := eps(high)) > target_epsilon:
+        high *= 2
+        if high > 1e6:
+            raise PrivacyError(f"epsilon {target_epsilon:g} at delta {delta:g} is out of reach over {steps} steps")
+    while target_epsilon - eps_high > 0.005:
+        mid = (low + high) / 2
+        if mid < MIN_NOISE_MULTIPLIER:  # never look below the floor: return it if it meets the target
+            if eps(MIN_NOISE_MULTIPLIER) <= target_epsilon:
+                return MIN_NOISE_MULTIPLIER
+            low = mid = MIN_NOISE_MULTIPLIER
+            continue
+        if (e := eps(mid)) < target_epsilon:
+            high, eps_high = mid, e
+        else:
+            low = mid
+    return high

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,15 +56,36 @@ class Private:
     loader: torch.utils.data.DataLoader
     sample_rate: float
     hooks: object
+    steps_taken: list[int] = field(default_factory=lambda: [0])  # updates the optimizer really applied
+    _step_hook: object = None
+
+    def ran(self) -> tuple[float, float, int, float]:
+        """(noise multiplier, sample rate, steps, clip) of what actually ran: what the charge must equal."""
+        return (float(self.optimizer.noise_multiplier), float(self.loader.batch_sampler.sample_rate),
+                self.steps_taken[0], float(self.optimizer.max_grad_norm))
+
+    def check_charged(self, noise_multiplier: float, sample_rate: float, steps: int, max_grad_norm: float) -> None:
+        """The invariant of every report: the ledger charged exactly the mechanism that ran."""
+        ran = self.ran()
+        charged = (noise_multiplier, sample_rate, steps, max_grad_norm)
+        names = ("noise multiplier", "sample rate", "steps", "clip norm")
+        differ = [f"{n}: charged {c!r}, ran {r!r}" for n, c, r in zip(names, charged, ran) if abs(c - r) > 1e-12]
+        if differ:
+            raise PrivacyError("the ledger's charge differs from what ran (" + "; ".join(differ) + "); this round's "
+                               "report would be false, so it is not sent")
 
     def close(self) -> None:
+        if self._step_hook is not None:
+            self._step_hook.remove()
         self.hooks.cleanup()
         for p in self.optimizer.params:
             p.grad_sample = None
 
 
-def make_private(model, optimizer, loader, noise_multiplier: float, max_grad_norm: float) -> Private:
-    """Opacus DP-SGD over `model`'s trainable (LoRA) parameters, Poisson-sampled."""
+def make_private(model, optimizer, loader, noise_multiplier: float, max_grad_norm: float,
+                 charged_rate: float | None = None) -> Private:
+    """Opacus DP-SGD over `model`'s trainable (LoRA) parameters, Poisson-sampled; refuses a
+    loader whose sample rate is not `charged_rate` (the one the ledger charges)."""
     from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -84,8 +105,13 @@ def make_private(model, optimizer, loader, noise_multiplier: float, max_grad_nor
     if not isinstance(dp_loader, DPDataLoader) or not isinstance(sampler, UniformWithReplacementSampler):
         raise PrivacyError("DP-SGD loader is not Poisson-sampled; the reported epsilon would not hold")
     if abs(sampler.sample_rate - expected) > 1e-12:
-        raise PrivacyError(f"Poisson sample rate {sampler.sample_rate} differs from the charged {expected}")
-    return Private(dp_optimizer, dp_loader, expected, hooks)
+        raise PrivacyError(f"Poisson sample rate {sampler.sample_rate} differs from the expected {expected}")
+    if charged_rate is not None and abs(sampler.sample_rate - charged_rate) > 1e-12:
+        raise PrivacyError(f"Poisson sample rate {sampler.sample_rate} differs from the charged {charged_rate}")
+    private = Private(dp_optimizer, dp_loader, expected, hooks)
+    counter = private.steps_taken
+    private._step_hook = optimizer.register_step_post_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    return private
 
 
 def is_empty(batch) -> bool:

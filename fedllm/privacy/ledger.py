@@ -120,10 +120,11 @@ class Ledger:
     def next_charge(self, server_round: int, steps: int, kind: str = "train", run: str = "") -> Charge:
         return Charge(server_round, self.noise_multiplier, self.sample_rate, steps, kind, run)
 
-    def affordable(self, charges: list[Charge]) -> tuple[bool, float]:
-        """(whether `charges` stay within the target, epsilon after them)."""
+    def affordable(self, charges: list[Charge], target: float | None = None) -> tuple[bool, float]:
+        """(whether `charges` stay within the target, or a stricter `target`, epsilon after them)."""
         after = self.epsilon(charges)
-        return after <= self.target_epsilon * (1 + 1e-9), after
+        cap = self.target_epsilon if target is None else min(target, self.target_epsilon)
+        return after <= cap * (1 + 1e-9), after
 
     def charge(self, charges: list[Charge]) -> None:
         """Record `charges` durably; call *before* the steps they pay for."""

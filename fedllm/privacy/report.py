@@ -13,13 +13,17 @@ COVERS = ("the adapter updates sent to the server and everything computed from t
           "held-out metrics")
 
 
-def client_report(ledger: Ledger, declined: str = "") -> dict[str, Any]:
+def client_report(ledger: Ledger, declined: str = "", requested_target: float | None = None) -> dict[str, Any]:
+    """The ledger as a report. `requested_target`: the server's target for this request; a
+    stricter one than the ledger's is applied, and recorded as `target_epsilon_applied`."""
     report = ledger.to_dict()
+    applied = ledger.target_epsilon if requested_target is None else min(requested_target, ledger.target_epsilon)
     report.update({
         "mechanism": MECHANISM,
         "covers": COVERS,
         "epsilon": ledger.epsilon(),
         "declined": declined,
+        "target_epsilon_applied": applied,
     })
     return report
 

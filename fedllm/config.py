@@ -91,14 +91,42 @@ class TrainConfig:
     weight_decay: float = _key(0.0, *NON_NEG_FLOAT)
 
 
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+STRATEGIES = ("fedavg", "fedadam", "fedprox", "fedavgm", "fedyogi", "fedadagrad", *ROBUST_STRATEGIES)
+
+
+def _norm_setting(v: str) -> bool:
+    if v in ("auto", "none"):
+        return True
+    try:
+        number = float(v)
+    except ValueError:
+        return False
+    return math.isfinite(number) and number > 0
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
-    name: str = _key("fedavg", *_one_of("fedavg", "fedadam", "fedprox"))
+    name: str = _key("fedavg", *_one_of(*STRATEGIES), doc="Flower strategy over the clients' deltas; fedmedian, "
+                     "fedtrimmedavg, krum, multikrum and bulyan are robust to some poisoned updates")
     proximal_mu: float = _key(0.01, *NON_NEG_FLOAT, doc="FedProx proximal term weight")
     server_lr: float = _key(0.01, *POS_FLOAT, doc="FedAdam server learning rate (eta)")
     beta_1: float = _key(0.9, lambda v: 0 <= v < 1, "a number in [0, 1)")
     beta_2: float = _key(0.99, lambda v: 0 <= v < 1, "a number in [0, 1)")
-    tau: float = _key(1e-3, *POS_FLOAT, doc="FedAdam adaptivity")
+    tau: float = _key(1e-3, *POS_FLOAT, doc="FedAdam/FedYogi/FedAdagrad adaptivity")
+    server_momentum: float = _key(0.9, lambda v: 0 <= v < 1, "a number in [0, 1)", doc="FedAvgM momentum")
+    trim_beta: float = _key(0.2, lambda v: 0 < v < 0.5, "a number in (0, 0.5)",
+                            doc="FedTrimmedAvg: fraction cut from each end per coordinate")
+    num_malicious: int = _key(1, *NON_NEG_INT, doc="Krum/MultiKrum/Bulyan: poisoned updates tolerated per round")
+    num_selected: int = _key(0, *NON_NEG_INT, doc="MultiKrum: updates kept (0: clients-per-round minus num-malicious)")
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    max_delta_norm: str = _key("auto", _norm_setting, "'auto', 'none' or a number > 0",
+                               doc="replies whose delta L2 norm exceeds this are dropped (plain rounds); auto: "
+                                   "validation.auto-factor times the round's (lower) median norm")
+    auto_factor: float = _key(10.0, lambda v: v >= 1, "a number >= 1", doc="multiple of the median for 'auto'")
 
 
 @dataclass(frozen=True)
@@ -170,6 +198,13 @@ class UserDPConfig:
 
 
 @dataclass(frozen=True)
+class ResumeConfig:
+    accept_changes: bool = _key(False, None, "true or false",
+                                "a restarted server accepts config changes that affect neither privacy nor shapes "
+                                "(round-timeout, evaluate.every, evaluate.batch-size, simulation.*)")
+
+
+@dataclass(frozen=True)
 class Config:
     num_server_rounds: int = _key(5, *POS_INT)
     num_clients: int = _key(100, *POS_INT)
@@ -184,6 +219,8 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
@@ -345,6 +382,10 @@ def _check_together(c: Config) -> None:
     if s.enabled and c.num_clients << s.quantization_bits >= 2**32:
         raise ConfigError(f"secagg.quantization-bits={s.quantization_bits} overflows the 32-bit sum of up to "
                           f"{c.num_clients} clients; use at most {31 - int(math.log2(c.num_clients))}")
+    if c.strategy.name in ROBUST_STRATEGIES and (s.enabled or c.user_dp.enabled):
+        raise ConfigError(f"strategy.name={c.strategy.name} needs each client's update, but secure aggregation and "
+                          "user-level DP hand the strategy only their sum; use fedavg, fedadam, fedprox, fedavgm, "
+                          "fedyogi or fedadagrad with them")
     if c.base.hidden_size % c.base.heads:
         raise ConfigError(
             f"base.hidden-size={c.base.hidden_size} must be a multiple of base.heads={c.base.heads}"

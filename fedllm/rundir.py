@@ -11,12 +11,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from fedllm import atomic
 from fedllm.config import Config
+from fedllm.errors import FedllmError
 
 
 def default_run_dir() -> Path:
@@ -54,9 +56,27 @@ class RunDir:
         atomic.write_json(self.summary_file, summary)
 
     def metrics(self) -> list[dict[str, Any]]:
+        """Every round's record. A torn last line (a crash mid-write) is dropped with a
+        warning; a bad line before it is an error naming the line."""
         if not self.metrics_file.exists():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        lines = [(i, line) for i, line in enumerate(self.metrics_file.read_text(errors="replace").splitlines(), 1)
+                 if line.strip()]
+        records = []
+        for n, (number, line) in enumerate(lines):
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("round"), int):
+                    raise ValueError("not a round record")
+            except ValueError:
+                if n == len(lines) - 1:
+                    logging.getLogger("fedllm").warning("%s: line %d is torn (a crash while writing?); dropped",
+                                                        self.metrics_file, number)
+                    break
+                raise FedllmError(f"{self.metrics_file}: line {number} is not a round record; restore the file "
+                                  "from a backup, or remove that line and those after it") from None
+            records.append(record)
+        return records
 
     def summary(self) -> dict[str, Any]:
         return json.loads(self.summary_file.read_text())

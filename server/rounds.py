@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import pickle
 import statistics
 import time
 import uuid
@@ -33,12 +33,13 @@ from fedllm.plots import finish, format_summary
 from fedllm.privacy.report import summarize
 from fedllm.rundir import RunDir
 from fedllm.state import safe_name
-from fedllm.privacy.user_level import UserLevel, delta_norm
-from server.sampling import ClientSampler, SampledGrid, discover
+from fedllm.privacy.user_level import UserLevel
+from server.sampling import ClientSampler, NodeInfo, SampledGrid, discover
+from server.resume import check_server_state, config_changes, load_strategy, read_json, save_strategy
 from server.secure import quantization, secure_round
-from server.strategies import as_weights, make_strategy
-from server.validation import (AdapterSpec, check_evaluate_reply, check_secure_metrics, check_train_reply,
-                               client_id_of, declined_reason, parse_report, privacy_report)
+from server.strategies import make_strategy, weights_message
+from server.validation import (MAX_REASON, AdapterSpec, Expect, Verdict, check_evaluate_reply, check_secure_metrics,
+                               check_train_reply, say)
 
 log = logging.getLogger("fedllm.server")
 EVAL_METRICS = frozenset({"num-examples", *METRICS})
@@ -56,6 +57,10 @@ def _upload_bytes(msg: Message) -> int:
 
 def _to_state(arrays: ArrayRecord):
     return arrays.to_torch_state_dict()
+
+
+def delta_norm_np(delta: dict[str, np.ndarray]) -> float:
+    return math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in delta.values()))
 
 
 def _mean_metrics(per_client: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -80,6 +85,7 @@ class Rounds:
         self.rejected = 0
         self.privacy_reports: dict[str, dict[str, Any]] = {}
         self.node_client: dict[int, str] = {}
+        self.infos: dict[int, NodeInfo] = {}  # what each node declared at discovery
         self.declined: dict[str, list[int]] = {}
         # Names this run in every ledger entry it causes: a state store outlives runs.
         self.run_id = uuid.uuid4().hex[:12]
@@ -87,6 +93,8 @@ class Rounds:
         # Poisson participation is amplification only while the draw is secret: not the public seed.
         self.sampling_seed = int.from_bytes(os.urandom(8), "little")
         self.small_cohort_rounds: list[int] = []
+        self.genesis: dict[str, str] = {}  # client -> its ledger's genesis hash: a ledger that starts over is flagged
+        self.restarted_ledgers: dict[str, list[str]] = {}
 
     def _config_record(self, server_round: int) -> ConfigRecord:
         return ConfigRecord({**self.config.to_flat(), "server-round": server_round, "run-id": self.run_id})
@@ -101,12 +109,10 @@ class Rounds:
             record, accepted = self.plain_collect(server_round, strategy, nodes)
             mean, total, contributors = None, None, len(accepted)
             if self.user_level is not None:
-                total = self._sum([{k: v.numpy() for k, v in m.content["arrays"].items()} for m in accepted])
+                total = self._sum([delta for _, delta, _ in accepted])
             elif accepted:
-                weights = [as_weights(m, self.arrays) for m in accepted]
-                new_arrays, _ = strategy.aggregate_train(server_round, weights)
-                if new_arrays is not None:
-                    self.arrays = _float32(new_arrays)
+                replies = [weights_message(self.arrays, delta, weight) for _, delta, weight in accepted]
+                self._aggregate(strategy, server_round, replies)
         if self.user_level is not None:
             if total is None:  # nobody contributed: the round still releases the noise
                 total = self._sum([])
@@ -135,60 +141,110 @@ class Rounds:
                                for k in self.arrays.keys()})
         reply = Message(RecordDict({"arrays": weights, "metrics": MetricRecord({"num-examples": 1})}),
                         dst_node_id=0, message_type=MessageType.TRAIN)
-        new_arrays, _ = strategy.aggregate_train(server_round, [reply])
-        if new_arrays is not None:
-            self.arrays = _float32(new_arrays)
+        self._aggregate(strategy, server_round, [reply])
 
-    def _client_said(self, server_round: int, client: str, claimed: str, report: dict | None, why: str,
-                     declined: list) -> str | None:
-        """Book what a reply says about its sender; the reason to drop it, if any."""
-        if claimed not in ("?", client):
-            return f"reply claims client id {claimed}, but node holds {client}"
-        if report is not None:
-            self.record_privacy(client, report)
-        if why:
-            log.info("round %d: client %s %s", server_round, client, why)
-            declined.append({"client_id": client, "reason": why})
+    def _aggregate(self, strategy, server_round: int, replies: list[Message]) -> None:
+        """The strategy's step; a result that is not finite leaves the global adapter (and is logged)."""
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        if new_arrays is None:
+            return
+        candidate = _float32(new_arrays)
+        if all(np.isfinite(a.numpy()).all() for a in candidate.values()):
+            self.arrays = candidate
+        else:
+            log.warning("round %d: the strategy's result is not finite; global adapter unchanged", server_round)
+
+    def _expect(self, node: int) -> Expect:
+        info = self.infos.get(node)
+        return Expect(client_id=info.client_id if info else self.node_client.get(node, ""),
+                      num_records=info.num_records if info else None,
+                      num_heldout=info.num_heldout if info else None,
+                      local_steps=self.config.local_steps, privacy=self.config.privacy.enabled)
+
+    def _book(self, server_round: int, client: str, verdict: Verdict, declined: list) -> None:
+        """Book what a checked reply says about its sender: its report (stored under the
+        node's discovered id only) and its decline."""
+        if verdict.report is not None and client != "?":
+            self.record_privacy(client, verdict.report)
+        if verdict.declined:
+            log.info("round %d: client %s %s", server_round, say(client), say(verdict.declined, 300))
+            declined.append({"client_id": client, "reason": verdict.declined[:MAX_REASON]})
             self.declined.setdefault(client, []).append(server_round)
-        return None
 
-    def plain_collect(self, server_round: int, strategy, nodes: list[int]) -> tuple[dict[str, Any], list[Message]]:
+    def _screen(self, replies, nodes: list[int], check) -> list[tuple[int, str, Verdict]]:
+        """(node, client, verdict) per reply: one reply per asked node; any other is rejected."""
+        asked, seen, out = set(nodes), set(), []
+        for msg in replies:
+            try:
+                node = int(msg.metadata.src_node_id)
+            except Exception:  # noqa: BLE001
+                node = -1
+            client = self.node_client.get(node, "?")
+            if node not in asked:
+                verdict = Verdict(reason="reply from a node that was not asked this round")
+            elif node in seen:
+                verdict = Verdict(reason="a second reply from the same node in one round")
+            else:
+                seen.add(node)
+                verdict = check(msg, node)
+            out.append((node, client, verdict))
+        return out
+
+    def _norm_bound(self, norms: list[float]) -> float:
+        """validation.max-delta-norm for this round: a number, `auto` (a multiple of the
+        round's lower median norm), or infinity when `none`."""
+        setting = self.config.validation.max_delta_norm
+        if setting == "none":
+            return math.inf
+        if setting == "auto":
+            return self.config.validation.auto_factor * statistics.median_low(norms) if norms else math.inf
+        return float(setting)
+
+    def plain_collect(self, server_round: int, strategy, nodes: list[int]) -> tuple[dict[str, Any], list]:
+        """Plain round: (its record, [(client, delta, weight)] of the accepted replies)."""
         grid = SampledGrid(self.grid, nodes)
         messages = (strategy.configure_train(server_round, self.arrays, self._config_record(server_round), grid)
                     if nodes else [])  # a Poisson draw can be empty; the strategy would wait for nodes
         replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout)) if messages else []
-        accepted, dropped, declined = [], [], []
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            client = self.node_client.get(node, "?")  # who the node said it was, not what this reply claims
-            why = declined_reason(msg)
-            reason = self._client_said(server_round, client, client_id_of(msg), privacy_report(msg), why, declined)
-            if reason is None and why:
-                continue
-            if reason is None:
-                reason = check_train_reply(msg, self.spec)
-            if reason is None and self.user_level is not None:
-                norm = delta_norm({k: torch.from_numpy(v.numpy()) for k, v in msg.content["arrays"].items()})
-                if norm > self.user_level.clip * (1 + 1e-4):
-                    reason = f"delta L2 norm {norm:.4g} exceeds user-dp.clip={self.user_level.clip:g}"
-            if reason is None:
-                accepted.append(msg)
-                continue
-            log.warning("round %d: dropped reply from client %s (node %d): %s", server_round, client, node, reason)
-            dropped.append({"node": node, "client_id": client, "reason": reason})
+        screened = self._screen(replies, nodes, lambda msg, node: check_train_reply(msg, self.spec,
+                                                                                    self._expect(node)))
+        candidates, dropped, declined = [], [], []
+        for node, client, verdict in screened:
+            if not verdict.reason:
+                self._book(server_round, client, verdict, declined)
+            if verdict.accepted:
+                candidates.append((node, client, verdict, delta_norm_np(verdict.delta)))
+            elif verdict.reason:
+                dropped.append((node, client, verdict.reason))
+        bound = self._norm_bound([n for *_, n in candidates])
+        if self.user_level is not None:
+            bound = min(bound, self.user_level.clip * (1 + 1e-4))
+        accepted = []
+        for node, client, verdict, norm in candidates:
+            if norm > bound:
+                dropped.append((node, client, f"delta L2 norm {norm:.4g} exceeds the bound {bound:.4g} "
+                                              f"(validation.max-delta-norm={self.config.validation.max_delta_norm}"
+                                              + (f", user-dp.clip={self.user_level.clip:g}" if self.user_level else "")
+                                              + ")"))
+            else:
+                accepted.append((node, client, verdict))
+        for node, client, reason in dropped:
+            log.warning("round %d: dropped reply from client %s (node %d): %s", server_round, say(client), node, reason)
         self.rejected += len(dropped)
-        upload = [_upload_bytes(m) for m in accepted]
+        upload = [sum(a.nbytes for a in v.delta.values()) for _, _, v in accepted]
         self.upload.extend(upload)
-        metrics = [next(iter(m.content.metric_records.values())) for m in accepted]
+        # Under record-level DP every update weighs the same: the record count is not private.
+        weights = [1 if self.config.privacy.enabled else self.infos[n].num_records if n in self.infos
+                   else int(v.metrics["num-examples"]) for n, _, v in accepted]
         return {
             "sampled": [self.node_client.get(n, "?") for n in nodes],
-            "clients": [self.node_client.get(m.metadata.src_node_id, "?") for m in accepted],
-            "train_loss": [float(m["train-loss"]) for m in metrics],
-            "steps": [int(m["steps"]) for m in metrics],
+            "clients": [client for _, client, _ in accepted],
+            "train_loss": [v.metrics["train-loss"] for _, _, v in accepted],
+            "steps": [int(v.metrics["steps"]) for _, _, v in accepted],
             "upload_bytes": upload,
-            "dropped": dropped,
+            "dropped": [{"node": n, "client_id": c, "reason": r} for n, c, r in dropped],
             "declined": declined,
-        }, accepted
+        }, [(client, v.delta, w) for (_, client, v), w in zip(accepted, weights)]
 
     def secure_collect(self, server_round: int, nodes: list[int]):
         """A SecAgg+ round: (record, mean of the contributed deltas or None, contributors).
@@ -202,13 +258,12 @@ class Rounds:
         answered, losses, steps, declined, flagged = [], [], [], [], []
         for node, metrics in sorted(result.replies.items()):
             client = self.node_client.get(node, "?")
-            why = str(metrics.get("declined", "") or "")
-            reason = (self._client_said(server_round, client, str(metrics.get("client-id", "?")),
-                                        parse_report(metrics.get("report")), why, declined)
-                      or check_secure_metrics(metrics))
+            report, why, reason = check_secure_metrics(metrics, self._expect(node))
+            if not reason:
+                self._book(server_round, client, Verdict(declined=why, report=report), declined)
             if reason:  # already inside the sum: say so, it cannot be taken out
-                log.warning("round %d: client %s (node %d) sent a bad secure reply: %s", server_round, client, node,
-                            reason)
+                log.warning("round %d: client %s (node %d) sent a bad secure reply: %s", server_round, say(client),
+                            node, reason)
                 flagged.append({"node": node, "client_id": client, "reason": reason})
             if not why and not reason:
                 answered.append(client)
@@ -245,18 +300,16 @@ class Rounds:
         messages = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
         per_client: dict[str, dict[str, float]] = {}
         expected = PERSONAL_EVAL_METRICS if personalise else EVAL_METRICS
-        for msg in self.grid.send_and_receive(messages, timeout=self.config.round_timeout):
-            reason = check_evaluate_reply(msg, expected)
-            if reason is not None:
-                log.warning("round %d: evaluation reply from node %d dropped: %s",
-                            server_round, msg.metadata.src_node_id, reason)
+        replies = self.grid.send_and_receive(messages, timeout=self.config.round_timeout)
+        for node, client, verdict in self._screen(replies, nodes, lambda msg, node: check_evaluate_reply(
+                msg, expected, self._expect(node))):
+            if verdict.reason or client == "?":
+                log.warning("round %d: evaluation reply from node %d dropped: %s", server_round, node,
+                            verdict.reason or "unknown node")
                 continue
-            client = self.node_client.get(msg.metadata.src_node_id, client_id_of(msg))
-            report = privacy_report(msg)
-            if report is not None:
-                self.record_privacy(client, report)
-            metrics = next(iter(msg.content.metric_records.values()))
-            per_client[client] = {k: float(v) for k, v in metrics.items()}
+            if verdict.report is not None:
+                self.record_privacy(client, verdict.report)
+            per_client[client] = verdict.metrics
         return {"clients": dict(sorted(per_client.items())), "mean": _mean_metrics(per_client)}
 
     def personalisation(self, base_eval: dict, last_eval: dict, common: list[str]) -> dict[str, Any]:
@@ -287,13 +340,20 @@ class Rounds:
         }
 
     def record_privacy(self, client_id: str, report: dict[str, Any]) -> None:
-        """Keep the client's latest epsilon report (it carries its whole history)."""
+        """Keep the client's latest epsilon report (it carries its whole history); a ledger
+        whose genesis differs from the one this server saw before started over: flag it."""
+        known = self.genesis.setdefault(client_id, report["genesis"])
+        if known != report["genesis"]:
+            log.warning("client %s: its ledger started over (genesis %s..., first seen %s...); its spending before "
+                        "is no longer in its reports", say(client_id), report["genesis"][:12], known[:12])
+            self.restarted_ledgers.setdefault(client_id, []).append(report["genesis"])
+            self.genesis[client_id] = report["genesis"]
         self.privacy_reports[client_id] = report
         atomic.write_json(self.run.path / "privacy" / "clients" / f"{safe_name(client_id)}.json", report)
 
     def privacy_summary(self) -> dict[str, Any]:
         summary = {"enabled": self.config.privacy.enabled, "run_id": self.run_id,
-                   **summarize(self.privacy_reports, self.declined)}
+                   **summarize(self.privacy_reports, self.declined), "restarted_ledgers": self.restarted_ledgers}
         atomic.write_json(self.run.path / "privacy" / "summary.json", summary)
         return summary
 
@@ -335,32 +395,48 @@ class Rounds:
     # -- resume --------------------------------------------------------------------------
     def save_server_state(self, server_round: int, strategy) -> None:
         """After a completed round (its metrics line written): what a restarted server
-        needs to go on from the next one. `latest.json` is written last, atomically."""
+        needs to go on from the next one, as data (no pickle). `latest.json` is written last."""
         path = self.run.checkpoint(server_round)
         save_state(path / "global.safetensors", _to_state(self.arrays))
-        atomic.write_bytes(path / "strategy.pkl", pickle.dumps(strategy))
+        save_strategy(strategy, path)
         atomic.write_json(path / "server-state.json", {
             "round": server_round, "run_id": self.run_id, "declined": self.declined, "rejected": self.rejected,
             "upload": self.upload, "sampling_seed": self.sampling_seed,
-            "small_cohort_rounds": self.small_cohort_rounds})
+            "small_cohort_rounds": self.small_cohort_rounds, "genesis": self.genesis})
         atomic.write_json(self.run.path / "checkpoints" / "latest.json", {"round": server_round})
 
     def resume(self, strategy):
-        """(last completed round, strategy) from the run directory; (0, strategy) when new."""
+        """(last completed round, strategy) from the run directory; (0, strategy) when new.
+        Every file is checked; a bad one stops the server with one line that names it."""
         latest = self.run.path / "checkpoints" / "latest.json"
         if not latest.exists():
             return 0, strategy
-        done = int(json.loads(latest.read_text())["round"])
+        config_changes(read_json(self.run.path / "config.json"), self.config, self.config.resume.accept_changes)
+        marker = read_json(latest)
+        done = marker.get("round") if isinstance(marker, dict) else None
+        if isinstance(done, bool) or not isinstance(done, int) or not 0 <= done <= self.config.num_server_rounds:
+            raise FedllmError(f"cannot resume: {latest} names no completed round of this run; restore it or delete it")
         path = self.run.checkpoint(done)
-        state = json.loads((path / "server-state.json").read_text())
-        self.arrays = ArrayRecord(load_state(path / "global.safetensors"))
-        strategy = pickle.loads((path / "strategy.pkl").read_bytes())
+        state = check_server_state(read_json(path / "server-state.json"), path / "server-state.json")
+        try:
+            arrays = load_state(path / "global.safetensors")
+        except Exception as exc:  # noqa: BLE001 - a corrupt or planted file
+            raise FedllmError(f"cannot resume: {path / 'global.safetensors'} is unreadable ({type(exc).__name__}); "
+                              "restore it from a backup or start a new run directory") from None
+        if AdapterSpec.from_state(arrays) != self.spec or not all(torch.isfinite(v).all() for v in arrays.values()):
+            raise FedllmError(f"cannot resume: {path / 'global.safetensors'} does not fit this run's adapter "
+                              "(keys, shapes or non-finite values)")
+        strategy = load_strategy(strategy, path, self.spec.shapes)
+        self.arrays = ArrayRecord(arrays)
         self.run_id, self.declined = state["run_id"], state["declined"]
         self.rejected, self.upload = state["rejected"], state["upload"]
         self.sampling_seed = state.get("sampling_seed", self.sampling_seed)
         self.small_cohort_rounds = state.get("small_cohort_rounds", [])
+        self.genesis = dict(state.get("genesis", {}))
         for report in sorted((self.run.path / "privacy" / "clients").glob("*.json")):
-            data = json.loads(report.read_text())
+            data = read_json(report)
+            if not isinstance(data, dict) or not isinstance(data.get("client_id"), str):
+                raise FedllmError(f"cannot resume: {report} is not a client's epsilon report; restore or remove it")
             self.privacy_reports[data["client_id"]] = data
         self.run.keep_metrics_through(done)  # a round cut short by the crash is run again
         log.warning("resuming run %s after round %d of %d", self.run_id, done, self.config.num_server_rounds)
@@ -369,7 +445,7 @@ class Rounds:
     def run_all(self) -> dict[str, Any]:
         config, started = self.config, time.time()
         self.run.write_config(config)
-        clients = discover(self.grid, self._config_record(0), config.num_clients, config.round_timeout)
+        clients = discover(self.grid, self._config_record(0), config.num_clients, config.round_timeout, self.infos)
         if not clients:
             raise FedllmError("no node said which client it holds within round-timeout (see the warnings above)")
         if len(clients) < config.clients_per_round:  # devices down: go on with those that are up

@@ -11,6 +11,7 @@ import logging
 import random
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -40,8 +41,39 @@ def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
     return nodes
 
 
-def discover(grid: Grid, config: ConfigRecord, minimum: int, timeout: float) -> dict[str, int]:
-    """client id -> node id for every connected node that answers.
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node declared at discovery; its later replies must agree."""
+
+    client_id: str
+    num_records: int
+    num_heldout: int
+
+
+def _declared(reply: Message) -> NodeInfo | str:
+    """The node's declaration, or why it is unusable (checked as any client input)."""
+    from server.validation import MAX_CLIENT_ID, check_metrics, say
+
+    try:
+        if set(reply.content.config_records) != {"client"} or set(reply.content.metric_records) != {"metrics"}:
+            return "expected exactly a client record and a metrics record"
+        client_id = reply.content["client"].get("client-id")
+        if set(reply.content["client"].keys()) != {"client-id"} or not isinstance(client_id, str) \
+                or not 0 < len(client_id) <= MAX_CLIENT_ID or not client_id.isprintable():
+            return f"client id {say(client_id)} is not a printable string of 1..{MAX_CLIENT_ID} characters"
+        metrics = reply.content["metrics"]
+        why = check_metrics(metrics, {"num-records": (1, 2**31, True), "num-heldout": (1, 2**31, True)})
+        if why:
+            return why
+        return NodeInfo(client_id, int(metrics["num-records"]), int(metrics["num-heldout"]))
+    except Exception as exc:  # noqa: BLE001 - a malformed declaration is a refusal, never a crash
+        return f"malformed declaration ({type(exc).__name__})"
+
+
+def discover(grid: Grid, config: ConfigRecord, minimum: int, timeout: float,
+             infos: dict[int, NodeInfo] | None = None) -> dict[str, int]:
+    """client id -> node id for every connected node that answers (and, into `infos`,
+    node id -> what it declared).
 
     Nodes the SuperLink knows but cannot reach yet (a device reconnecting after a
     restart of either side) are asked again until `minimum` clients answered or
@@ -60,19 +92,23 @@ def discover(grid: Grid, config: ConfigRecord, minimum: int, timeout: float) -> 
             node = reply.metadata.src_node_id
             if reply.has_error():
                 unreachable.append(node)
-                log.warning("node %d did not say who it is: %s", node, reply.error.reason)
+                log.warning("node %d did not say who it is: %s", node, ascii(str(reply.error.reason)[:200]))
+                continue
+            if node not in pending or node in answered:
+                log.warning("node %d answered a question it was not asked; ignored", node)
                 continue
             answered.add(node)
-            try:
-                client_id = str(reply.content["client"]["client-id"])
-            except (KeyError, TypeError):
-                log.warning("node %d sent no client id; it will not be sampled", node)
+            info = _declared(reply)
+            if isinstance(info, str):
+                log.warning("node %d will not be sampled: %s", node, info)
                 continue
-            if client_id in found:
-                log.warning("node %d claims client id %s already held by node %d; ignored", node, client_id,
-                            found[client_id])
+            if info.client_id in found:
+                log.warning("node %d claims client id %s already held by node %d; ignored", node,
+                            ascii(info.client_id), found[info.client_id])
                 continue
-            found[client_id] = node
+            found[info.client_id] = node
+            if infos is not None:
+                infos[node] = info
         if len(found) >= minimum or not unreachable or time.time() > deadline - 2:
             return dict(sorted(found.items()))
         time.sleep(2.0)

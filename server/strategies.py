@@ -8,7 +8,8 @@ FedAvg, FedAdam and FedProx then behave exactly as Flower defines them.
 from __future__ import annotations
 
 from flwr.app import Array, ArrayRecord, Message, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import (Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx,
+                                     FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy)
 
 from fedllm.config import Config
 
@@ -25,9 +26,37 @@ def make_strategy(config: Config) -> Strategy:
     )
     if s.name == "fedadam":
         return FedAdam(**common, eta=s.server_lr, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau)
+    if s.name == "fedyogi":
+        return FedYogi(**common, eta=s.server_lr, beta_1=s.beta_1, beta_2=s.beta_2, tau=s.tau)
+    if s.name == "fedadagrad":
+        return FedAdagrad(**common, eta=s.server_lr, tau=s.tau)
+    if s.name == "fedavgm":
+        return FedAvgM(**common, server_momentum=s.server_momentum)
     if s.name == "fedprox":
         return FedProx(**common, proximal_mu=s.proximal_mu)
+    if s.name == "fedmedian":
+        return FedMedian(**common)
+    if s.name == "fedtrimmedavg":
+        return FedTrimmedAvg(**common, beta=s.trim_beta)
+    if s.name == "krum":
+        return Krum(**common, num_malicious_nodes=s.num_malicious)
+    if s.name == "multikrum":
+        return MultiKrum(**common, num_malicious_nodes=s.num_malicious, num_nodes_to_select=s.num_selected
+                         or max(1, config.clients_per_round - s.num_malicious))
+    if s.name == "bulyan":
+        return Bulyan(**common, num_malicious_nodes=s.num_malicious)
     return FedAvg(**common)
+
+
+def weights_message(global_arrays: ArrayRecord, delta, weight: float) -> Message:
+    """A checked delta as the reply a Flower strategy aggregates: `global + delta`, weighted."""
+    import numpy as np
+    from flwr.app import MessageType, MetricRecord
+
+    weights = ArrayRecord({k: Array(global_arrays[k].numpy() + np.asarray(delta[k], np.float32))
+                           for k in global_arrays.keys()})
+    return Message(RecordDict({"arrays": weights, "metrics": MetricRecord({"num-examples": weight})}),
+                   dst_node_id=0, message_type=MessageType.TRAIN)
 
 
 def as_weights(msg: Message, global_arrays: ArrayRecord) -> Message:

@@ -1,19 +1,40 @@
-"""Check every client reply before it can touch the global adapter.
+"""Check every client reply before any of it is used; nothing a client sends may raise.
 
-A reply is accepted only if it carries exactly the adapter's keys, with the right
-shapes, float32, all finite, and the metrics the server expects. Anything else is
-dropped with a reason the server logs; the round goes on with the rest.
+A reply is taken apart only after its size, declared dtype and shape were checked, and
+decoded arrays are checked again (their header may lie). Metrics are typed and
+range-checked, epsilon reports validated against their schema and hash chain, client ids
+bounded; anything else is a rejection with a reason the server logs (strings a client
+sent are escaped and cut first). `check_train_reply` and `check_evaluate_reply` are
+total: an unexpected shape of anything is a rejection, never an exception.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import Message
 
 TRAIN_METRICS = frozenset({"num-examples", "train-loss", "steps", "epsilon"})
+TRAIN_RECORDS = frozenset({"arrays", "metrics", "client", "privacy"})
+EVAL_RECORDS = frozenset({"metrics", "client", "privacy"})
+MAX_CLIENT_ID = 128
+MAX_REASON = 2000
+MAX_REPORT_BYTES = 4 << 20
+MAX_LOSS = 1e4  # a per-token cross-entropy this large is no training result
+NPY_HEADER_SLACK = 4096  # np.save's header is < 200 bytes for our shapes
+
+
+def say(value: Any, limit: int = 100) -> str:
+    """A client's string, safe for a log line: escaped and cut."""
+    text = str(value) if isinstance(value, str) else type(value).__name__
+    cut = text[:limit]
+    return ascii(cut)[1:-1] + ("..." if len(text) > limit else "")
 
 
 @dataclass(frozen=True)
@@ -31,90 +52,373 @@ class AdapterSpec:
         return sum(math.prod(shape) for shape in self.shapes.values())
 
 
-def client_id_of(msg: Message) -> str:
+@dataclass(frozen=True)
+class Expect:
+    """What the server knows of a node before it replies (from discovery and the config)."""
+
+    client_id: str = ""  # "" when unknown: the reply's own claim is then not checked against it
+    num_records: int | None = None
+    num_heldout: int | None = None
+    local_steps: int | None = None
+    privacy: bool = False  # record-level DP: an update must come with a valid report
+
+
+@dataclass
+class Verdict:
+    """What a reply amounts to: accepted (with its delta), declined, or rejected (`reason`)."""
+
+    reason: str = ""
+    declined: str = ""
+    delta: dict[str, np.ndarray] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    report: dict[str, Any] | None = None
+
+    @property
+    def accepted(self) -> bool:
+        return not self.reason and not self.declined
+
+
+def decode_array(array: Any, shape: tuple[int, ...]) -> tuple[np.ndarray | None, str]:
+    """(the float32 array of `shape`, "") or (None, why not), without trusting any header."""
     try:
-        return str(msg.content["client"]["client-id"])
-    except Exception:  # noqa: BLE001 - an error reply or a malformed one has none
-        return "?"
+        stype, dtype, declared, data = array.stype, array.dtype, tuple(array.shape), array.data
+    except Exception as exc:  # noqa: BLE001 - not an Array at all
+        return None, f"not an array ({type(exc).__name__})"
+    if stype != "numpy.ndarray":
+        return None, f"serialisation {say(stype)}, expected numpy.ndarray"
+    if dtype != "float32":
+        return None, f"dtype {say(dtype)}, expected float32"
+    if declared != shape:
+        return None, f"shape {say(str(declared))}, expected {shape}"
+    payload = math.prod(shape) * 4
+    if not isinstance(data, (bytes, bytearray)) or not payload < len(data) <= payload + NPY_HEADER_SLACK:
+        size = len(data) if isinstance(data, (bytes, bytearray)) else -1
+        return None, f"{size} bytes for a float32 array of shape {shape}"
+    try:
+        buffer = io.BytesIO(data)
+        version = np.lib.format.read_magic(buffer)
+        if version == (1, 0):
+            header_shape, fortran, header_dtype = np.lib.format.read_array_header_1_0(buffer)
+        elif version == (2, 0):
+            header_shape, fortran, header_dtype = np.lib.format.read_array_header_2_0(buffer)
+        else:
+            return None, f"unsupported npy format version {version}"
+        if header_dtype != np.dtype("<f4") or tuple(header_shape) != shape or fortran:
+            return None, f"encoded as {header_dtype} {tuple(header_shape)}, declared float32 {shape}"
+        if len(data) - buffer.tell() != payload:
+            return None, "payload length does not match its shape"
+        value = np.frombuffer(data, dtype="<f4", count=math.prod(shape), offset=buffer.tell()).reshape(shape)
+    except Exception as exc:  # noqa: BLE001 - undecodable bytes
+        return None, f"undecodable array ({type(exc).__name__})"
+    if not np.isfinite(value).all():
+        return None, "non-finite values"
+    return value.astype(np.float32), ""
 
 
-def check_train_reply(msg: Message, spec: AdapterSpec, metric_keys: frozenset[str] = TRAIN_METRICS) -> str | None:
-    """None when the reply is acceptable, else why it is not."""
-    if msg.has_error():
-        return f"client error: {msg.error.reason}"
-    content = msg.content
-    if len(content.array_records) != 1:
-        return f"expected one ArrayRecord, got {len(content.array_records)}"
-    arrays = next(iter(content.array_records.values()))
-    keys = set(arrays.keys())
+def decode_delta(arrays: Any, spec: AdapterSpec) -> tuple[dict[str, np.ndarray] | None, str]:
+    try:
+        keys = set(arrays.keys())
+    except Exception as exc:  # noqa: BLE001
+        return None, f"arrays unreadable ({type(exc).__name__})"
     if keys != set(spec.shapes):
         unknown, missing = sorted(keys - set(spec.shapes)), sorted(set(spec.shapes) - keys)
-        return f"adapter keys differ: unknown {unknown[:3]}, missing {missing[:3]}"
-    for key, array in arrays.items():
-        if array.dtype != "float32":
-            return f"{key}: dtype {array.dtype}, expected float32"
-        if tuple(array.shape) != spec.shapes[key]:
-            return f"{key}: shape {tuple(array.shape)}, expected {spec.shapes[key]}"
-        if not np.isfinite(array.numpy()).all():
-            return f"{key}: non-finite values"
-    if len(content.metric_records) != 1:
-        return f"expected one MetricRecord, got {len(content.metric_records)}"
-    metrics = next(iter(content.metric_records.values()))
-    if set(metrics.keys()) != metric_keys:
-        return f"metric keys {sorted(metrics.keys())}, expected {sorted(metric_keys)}"
-    for key, value in metrics.items():
-        if isinstance(value, list) or not math.isfinite(float(value)):
-            return f"metric {key}: {value!r} is not a finite number"
-    if float(metrics["num-examples"]) <= 0:
-        return f"metric num-examples: {metrics['num-examples']!r}, expected > 0"
-    return None
+        return None, f"adapter keys differ: unknown {[say(k, 60) for k in unknown[:3]]}, missing {missing[:3]}"
+    delta = {}
+    for key, shape in spec.shapes.items():
+        value, why = decode_array(arrays[key], shape)
+        if value is None:
+            return None, f"{key}: {why}"
+        delta[key] = value
+    return delta, ""
 
 
-def check_evaluate_reply(msg: Message, metric_keys: frozenset[str]) -> str | None:
-    if msg.has_error():
-        return f"client error: {msg.error.reason}"
-    if len(msg.content.metric_records) != 1:
-        return f"expected one MetricRecord, got {len(msg.content.metric_records)}"
-    metrics = next(iter(msg.content.metric_records.values()))
-    if set(metrics.keys()) != metric_keys:
-        return f"metric keys {sorted(metrics.keys())}, expected {sorted(metric_keys)}"
-    if any(isinstance(v, list) or not math.isfinite(float(v)) for v in metrics.values()):
-        return "non-finite metric values"
-    return None
+def _number(value: Any, lo: float, hi: float, integer: bool = False) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if integer and not (isinstance(value, int) or float(value).is_integer()):
+        return False
+    return math.isfinite(value) and lo <= value <= hi
 
 
-def declined_reason(msg: Message) -> str:
-    """The reason a client gave for declining a round, or "" if it did not decline."""
-    if msg.has_error() or "client" not in msg.content.config_records:
-        return ""
-    return str(msg.content["client"].get("declined", "") or "")
+def _metric_ranges(expect: Expect) -> dict[str, tuple[float, float, bool]]:
+    return {"train-loss": (0.0, MAX_LOSS, False), "steps": (0, 10**7, True), "epsilon": (0.0, 1e4, False),
+            "num-examples": (1, 2**31, True)}
 
 
-def privacy_report(msg: Message) -> dict | None:
-    """The client's epsilon report, if it sent a well-formed one."""
-    if msg.has_error() or "privacy" not in msg.content.config_records:
-        return None
-    return parse_report(msg.content["privacy"].get("report"))
+def check_metrics(metrics: Mapping, ranges: Mapping[str, tuple[float, float, bool]]) -> str:
+    """"" when `metrics` has exactly `ranges`' keys, each a number in its range."""
+    keys = set(metrics.keys())
+    if keys != set(ranges):
+        return f"metric keys {[say(k, 40) for k in sorted(keys)][:12]}, expected {sorted(ranges)}"
+    for key, (lo, hi, integer) in ranges.items():
+        if not _number(metrics[key], lo, hi, integer):
+            return f"metric {key}: {say(repr(metrics[key]), 40)} is not {'an integer' if integer else 'a number'} " \
+                   f"in [{lo:g}, {hi:g}]"
+    return ""
 
 
-def parse_report(text) -> dict | None:
-    import json
+def _client_record(content, expect: Expect) -> tuple[str, str, str]:
+    """(claimed client id, declined reason, why the record is bad)."""
+    if "client" not in content.config_records:
+        return "", "", "no client record"
+    record = content.config_records["client"]
+    extra = set(record.keys()) - {"client-id", "declined"}
+    if extra:
+        return "", "", f"client record has unknown fields {[say(k, 40) for k in sorted(extra)][:3]}"
+    claimed, declined = record.get("client-id", ""), record.get("declined", "")
+    if not isinstance(claimed, str) or not 0 < len(claimed) <= MAX_CLIENT_ID:
+        return "", "", f"client id {say(claimed)} is not a string of 1..{MAX_CLIENT_ID} characters"
+    if expect.client_id and claimed != expect.client_id:
+        return claimed, "", f"reply claims client id {say(claimed)}, but node holds {say(expect.client_id)}"
+    if not isinstance(declined, str) or len(declined) > MAX_REASON:
+        return claimed, "", "declined reason is not a string of at most 2000 characters"
+    return claimed, declined, ""
+
+
+REPORT_FIELDS: dict[str, tuple] = {
+    # field: (type, range or allowed values)
+    "client_id": (str,), "epsilon": (float, 0.0, 1e4), "target_epsilon": (float, 0.0, 100.0),
+    "delta": (float, 0.0, 1.0), "noise_multiplier": (float, 0.0, 1e6), "sample_rate": (float, 0.0, 1.0),
+    "max_grad_norm": (float, 0.0, 1e6), "planned_steps": (int, 0, 10**9), "num_records": (int, 1, 2**31),
+    "accountant": (str, ("prv", "rdp")), "sampling": (str, ("poisson",)), "secure_rng": (bool,),
+    "ledger_version": (int, 2, 2), "history": (list,), "genesis": (str,), "head": (str,), "versions": (dict,),
+    "privacy_unit": (str,), "mechanism": (str,), "covers": (str,), "declined": (str,),
+}
+OPTIONAL_REPORT_FIELDS: dict[str, tuple] = {"target_epsilon_applied": (float, 0.0, 100.0)}
+ENTRY_FIELDS: dict[str, tuple] = {
+    "round": (int, 0, 10**9), "noise_multiplier": (float, 0.0, 1e6), "sample_rate": (float, 0.0, 1.0),
+    "steps": (int, 0, 10**9), "kind": (str, ("train", "personal", "local-only")), "run": (str,),
+    "prev_hash": (str,), "hash": (str,),
+}
+MAX_HISTORY = 100_000
+
+
+def _field_ok(value: Any, spec: tuple) -> bool:
+    kind = spec[0]
+    if kind is float:
+        return _number(value, spec[1], spec[2])
+    if kind is int:
+        return _number(value, spec[1], spec[2], integer=True)
+    if kind is bool:
+        return isinstance(value, bool)
+    if not isinstance(value, kind):
+        return False
+    if kind is str:
+        return len(value) <= MAX_REASON and (len(spec) == 1 or value in spec[1])
+    return True
+
+
+def check_report(text: Any, client_id: str) -> tuple[dict[str, Any] | None, str]:
+    """(the report, "") when `text` is a well-formed epsilon report of `client_id` whose
+    hash chain holds, else (None, why)."""
+    from fedllm.privacy import chain
+
+    if not isinstance(text, str) or len(text) > MAX_REPORT_BYTES:
+        return None, "epsilon report is not a JSON string of at most 4 MiB"
+
+    def no_constants(name: str):
+        raise ValueError(f"{name} is not JSON")
 
     try:
-        report = json.loads(str(text))
-    except (TypeError, ValueError):
-        return None
-    if not isinstance(report, dict) or not isinstance(report.get("epsilon"), (int, float)):
-        return None
-    return report
+        report = json.loads(text, parse_constant=no_constants)
+    except (ValueError, RecursionError):
+        return None, "epsilon report is not valid JSON"
+    if not isinstance(report, dict):
+        return None, "epsilon report is not a JSON object"
+    unknown = set(report) - set(REPORT_FIELDS) - set(OPTIONAL_REPORT_FIELDS)
+    if unknown:
+        return None, f"epsilon report has unknown fields {[say(k, 40) for k in sorted(unknown)][:3]}"
+    for name, spec in REPORT_FIELDS.items():
+        if name not in report or not _field_ok(report[name], spec):
+            return None, f"epsilon report field {name}: missing or not {spec[0].__name__} in range"
+    for name, spec in OPTIONAL_REPORT_FIELDS.items():
+        if name in report and not _field_ok(report[name], spec):
+            return None, f"epsilon report field {name}: not {spec[0].__name__} in range"
+    if report["client_id"] != client_id:
+        return None, f"epsilon report is for client {say(report['client_id'])}, not {say(client_id)}"
+    if not 0 < report["delta"] < 1 or not 0 < report["sample_rate"] <= 1 or report["target_epsilon"] <= 0:
+        return None, "epsilon report: delta, sample_rate or target_epsilon out of range"
+    history = report["history"]
+    if len(history) > MAX_HISTORY:
+        return None, f"epsilon report history has over {MAX_HISTORY} entries"
+    for i, entry in enumerate(history):
+        if not isinstance(entry, dict) or set(entry) != set(ENTRY_FIELDS):
+            return None, f"epsilon report history[{i}]: not an entry with fields {sorted(ENTRY_FIELDS)}"
+        bad = [n for n, spec in ENTRY_FIELDS.items() if not _field_ok(entry[n], spec)]
+        if bad:
+            return None, f"epsilon report history[{i}]: bad {bad[:3]}"
+    if not all(isinstance(v, str) and isinstance(k, str) and len(v) < 200 for k, v in report["versions"].items()):
+        return None, "epsilon report versions: expected names and version strings"
+    broken = chain.problems(report)
+    if broken:
+        return None, f"epsilon report fails its hash chain ({broken[0][0]}: {broken[0][1][:80]})"
+    return report, ""
 
 
-def check_secure_metrics(metrics: dict) -> str | None:
+def _privacy_record(content) -> tuple[Any, str]:
+    """(the report text or None, why the record is bad)."""
+    if "privacy" not in content.config_records:
+        return None, ""
+    record = content.config_records["privacy"]
+    if set(record.keys()) != {"report"}:
+        return None, "privacy record must hold exactly one field, report"
+    return record["report"], ""
+
+
+def _records_ok(content, allowed: frozenset[str]) -> str:
+    names = [*content.array_records, *content.metric_records, *content.config_records]
+    unknown = set(names) - allowed
+    if unknown:
+        return f"unexpected records {[say(n, 40) for n in sorted(unknown)][:3]}"
+    if len(names) != len(set(names)):
+        return "duplicate record names"
+    for name, kind in (("arrays", content.array_records), ("metrics", content.metric_records)):
+        if name in names and name not in kind:
+            return f"record {name} has the wrong type"
+    for name in ("client", "privacy"):
+        if name in names and name not in content.config_records:
+            return f"record {name} has the wrong type"
+    return ""
+
+
+def check_train_reply(msg: Message, spec: AdapterSpec, expect: Expect | None = None) -> Verdict:
+    """The verdict on one train reply; never raises."""
+    try:
+        return _check_train(msg, spec, expect or Expect())
+    except Exception as exc:  # noqa: BLE001 - belt and braces: a reply must never stop a round
+        return Verdict(reason=f"malformed reply ({type(exc).__name__})")
+
+
+def _check_train(msg: Message, spec: AdapterSpec, expect: Expect) -> Verdict:
+    if msg.has_error():
+        return Verdict(reason=f"client error: {say(msg.error.reason, 200)}")
+    content = msg.content
+    why = _records_ok(content, TRAIN_RECORDS)
+    if why:
+        return Verdict(reason=why)
+    claimed, declined, why = _client_record(content, expect)
+    if why:
+        return Verdict(reason=why)
+    text, why = _privacy_record(content)
+    if why:
+        return Verdict(reason=why)
+    report = None
+    if text is not None:
+        report, why = check_report(text, expect.client_id or claimed)
+        if why:
+            return Verdict(reason=why)
+    if declined:
+        if "arrays" in content.array_records:
+            return Verdict(reason="a declined reply carries an update")
+        return Verdict(declined=declined, report=report)
+    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+        return Verdict(reason="no update: arrays and metrics are required unless the client declines")
+    if expect.privacy and report is None:
+        return Verdict(reason="no epsilon report with a private update")
+    delta, why = decode_delta(content.array_records["arrays"], spec)
+    if delta is None:
+        return Verdict(reason=why)
+    metrics = content.metric_records["metrics"]
+    why = check_metrics(metrics, _metric_ranges(expect))
+    if why:
+        return Verdict(reason=why)
+    values = {k: float(v) for k, v in metrics.items()}
+    if expect.num_records is not None and values["num-examples"] != expect.num_records:
+        return Verdict(reason=f"num-examples {values['num-examples']:.0f}, but the node declared "
+                              f"{expect.num_records} records at discovery")
+    if expect.local_steps is not None and values["steps"] != expect.local_steps:
+        return Verdict(reason=f"steps {values['steps']:.0f}, expected local-steps={expect.local_steps}")
+    if report is not None and abs(values["epsilon"] - report["epsilon"]) > 1e-9 * max(1.0, report["epsilon"]):
+        return Verdict(reason="metric epsilon differs from the epsilon report")
+    return Verdict(delta=delta, metrics=values, report=report)
+
+
+def check_evaluate_reply(msg: Message, metric_keys: frozenset[str], expect: Expect | None = None) -> Verdict:
+    """The verdict on one evaluate reply (metrics, and a report when personal steps were
+    charged); never raises."""
+    try:
+        return _check_evaluate(msg, metric_keys, expect or Expect())
+    except Exception as exc:  # noqa: BLE001
+        return Verdict(reason=f"malformed reply ({type(exc).__name__})")
+
+
+def eval_ranges(metric_keys: frozenset[str]) -> dict[str, tuple[float, float, bool]]:
+    ranges = {}
+    for key in metric_keys:
+        if key == "num-examples":
+            ranges[key] = (1, 2**31, True)
+        elif key.endswith("perplexity"):
+            ranges[key] = (1.0, 1e30, False)
+        elif key.endswith("loss"):
+            ranges[key] = (0.0, MAX_LOSS, False)
+        elif key.endswith("declined"):
+            ranges[key] = (0.0, 1.0, True)
+        else:  # accuracies
+            ranges[key] = (0.0, 1.0, False)
+    return ranges
+
+
+def _check_evaluate(msg: Message, metric_keys: frozenset[str], expect: Expect) -> Verdict:
+    if msg.has_error():
+        return Verdict(reason=f"client error: {say(msg.error.reason, 200)}")
+    content = msg.content
+    why = _records_ok(content, EVAL_RECORDS)
+    if why:
+        return Verdict(reason=why)
+    claimed, declined, why = _client_record(content, expect)
+    if why or declined:
+        return Verdict(reason=why or "an evaluation reply cannot decline")
+    if "metrics" not in content.metric_records:
+        return Verdict(reason="no metrics")
+    metrics = content.metric_records["metrics"]
+    why = check_metrics(metrics, eval_ranges(metric_keys))
+    if why:
+        return Verdict(reason=why)
+    values = {k: float(v) for k, v in metrics.items()}
+    if expect.num_heldout is not None and values["num-examples"] != expect.num_heldout:
+        return Verdict(reason=f"num-examples {values['num-examples']:.0f}, but the node declared "
+                              f"{expect.num_heldout} held-out records at discovery")
+    text, why = _privacy_record(content)
+    report = None
+    if not why and text is not None:
+        report, why = check_report(text, expect.client_id or claimed)
+    if why:
+        return Verdict(reason=why)
+    return Verdict(metrics=values, report=report)
+
+
+def check_secure_metrics(metrics: dict, expect: Expect | None = None) -> tuple[dict[str, Any] | None, str, str]:
     """The plain fields of a secure round's FitRes (its tensors are masked: the protocol,
-    not the server, vouches for their shape)."""
-    if not str(metrics.get("declined", "")):
-        for key in ("train-loss", "steps"):
-            value = metrics.get(key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
-                return f"metric {key}: {value!r} is not a finite number"
-    return None
+    not the server, vouches for their shape): (report, declined, why they are bad)."""
+    try:
+        expect = expect or Expect()
+        claimed = metrics.get("client-id", "")
+        if not isinstance(claimed, str) or not 0 < len(claimed) <= MAX_CLIENT_ID:
+            return None, "", f"client id {say(claimed)} is not a string of 1..{MAX_CLIENT_ID} characters"
+        if expect.client_id and claimed != expect.client_id:
+            return None, "", f"reply claims client id {say(claimed)}, but node holds {say(expect.client_id)}"
+        declined = metrics.get("declined", "")
+        if not isinstance(declined, str) or len(declined) > MAX_REASON:
+            return None, "", "declined reason is not a string of at most 2000 characters"
+        report = None
+        if "report" in metrics:
+            report, why = check_report(metrics["report"], expect.client_id or claimed)
+            if why:
+                return None, declined, why
+        if not declined:
+            ranges = _metric_ranges(expect)
+            for key in ("train-loss", "steps"):
+                lo, hi, integer = ranges[key]
+                if not _number(metrics.get(key), lo, hi, integer):
+                    return report, "", f"metric {key}: {say(repr(metrics.get(key)), 40)} is not a number in range"
+        return report, declined, ""
+    except Exception as exc:  # noqa: BLE001
+        return None, "", f"malformed reply ({type(exc).__name__})"
+
+
+def client_id_of(msg: Message) -> str:
+    try:
+        value = msg.content["client"]["client-id"]
+        return value if isinstance(value, str) and 0 < len(value) <= MAX_CLIENT_ID else "?"
+    except Exception:  # noqa: BLE001 - an error reply or a malformed one has none
+        return "?"

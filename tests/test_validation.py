@@ -34,13 +34,14 @@ def _good():
 
 
 def test_a_good_reply_passes():
-    assert check_train_reply(_reply(), SPEC) is None
+    assert check_train_reply(_reply(), SPEC).accepted
 
 
 @pytest.mark.parametrize("mutate, reason", [
     (lambda a: a.__setitem__("a.lora_A.weight", np.full((2, 4), np.nan, np.float32)), "non-finite"),
     (lambda a: a.__setitem__("a.lora_A.weight", np.full((2, 4), np.inf, np.float32)), "non-finite"),
     (lambda a: a.__setitem__("a.lora_A.weight", np.zeros((4, 4), np.float32)), "shape"),
+    (lambda a: a.__setitem__("a.lora_A.weight", np.full((2, 4), 1e30, np.float32).astype(np.float64)), "dtype"),
     (lambda a: a.__setitem__("a.lora_A.weight", np.zeros((2, 4), np.float64)), "dtype"),
     (lambda a: a.__setitem__("lm_head.weight", np.zeros(3, np.float32)), "unknown \\['lm_head.weight'\\]"),
     (lambda a: a.pop("a.lora_B.weight"), "missing \\['a.lora_B.weight'\\]"),
@@ -48,7 +49,7 @@ def test_a_good_reply_passes():
 def test_bad_arrays_are_named(mutate, reason):
     arrays = _good()
     mutate(arrays)
-    assert re.search(reason, check_train_reply(_reply(arrays), SPEC) or "")
+    assert re.search(reason, check_train_reply(_reply(arrays), SPEC).reason)
 
 
 @pytest.mark.parametrize("metrics, reason", [
@@ -58,13 +59,13 @@ def test_bad_arrays_are_named(mutate, reason):
     ({"num-examples": 10, "train-loss": float("nan"), "steps": 3, "epsilon": 0.0}, "train-loss"),
 ])
 def test_bad_metrics_are_named(metrics, reason):
-    assert reason in check_train_reply(_reply(metrics=metrics), SPEC)
+    assert reason in check_train_reply(_reply(metrics=metrics), SPEC).reason
 
 
 def test_error_reply_is_dropped_with_its_reason():
     sent = Message(content=RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN)
     reply = Message(Error(code=0, reason="client crashed"), reply_to=sent)
-    assert "client crashed" in check_train_reply(reply, SPEC)
+    assert "client crashed" in check_train_reply(reply, SPEC).reason
 
 
 def test_deltas_aggregate_to_global_plus_weighted_mean_delta():

@@ -24,7 +24,7 @@ from fedllm.privacy import chain
 
 CHECKS = ("fields", "versions", "privacy-unit", "sampling", "chain", "delta", "epsilon-pld", "epsilon-rdp",
           "target", "rounds", "device-ledger")
-RUN_CHECKS = ("fields", "summary", "target")  # of the run as a whole: privacy/summary.json against the reports
+RUN_CHECKS = ("fields", "summary", "target", "ledger-restart")  # of the run as a whole: privacy/summary.json against the reports
 REQUIRED = {
     "client_id": str, "num_records": int, "delta": float, "target_epsilon": float, "noise_multiplier": float,
     "sample_rate": float, "max_grad_norm": float, "planned_steps": int, "accountant": str, "sampling": str,
@@ -340,6 +340,10 @@ def _run_checks(audit: Audit, run_dir: Path, reports: dict[str, dict], config: M
     mismatched = sorted(c for c, r in reports.items() if target is not None and r.get("target_epsilon") != target)
     check("target", not mismatched and not summary.get("over_target"), "target_epsilon",
           f"over target: {summary.get('over_target')}; target differs from config's {target}: {mismatched[:5]}")
+    restarted = summary.get("restarted_ledgers") or {}
+    check("ledger-restart", not restarted, "privacy/summary.json:restarted_ledgers",
+          f"ledgers that started over during the run (their earlier spending is not in the reports): "
+          f"{sorted(restarted)[:5]}")
 
 
 def audit_path(path: Path | str, tolerance: float = 0.01, state_dir: Path | str | None = None) -> Audit:

@@ -90,12 +90,23 @@ class Ledger:
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LedgerError(f"privacy ledger {path} is unreadable ({exc}); {advice}") from exc
-        if int(d.get("ledger_version", 1)) >= 2:
-            broken = chain.problems(d)
-            if broken:
-                where = "; ".join(f"{field} {why}" for field, why in broken)
-                raise LedgerError(f"privacy ledger {path} fails its hash chain ({where}); the budget it records "
-                                  f"cannot be trusted, so this client will not train on it; {advice}")
+        version = d.get("ledger_version", 1)
+        if isinstance(version, bool) or version not in (1, LEDGER_VERSION):
+            raise LedgerError(f"privacy ledger {path} has ledger_version {version!r}, which this fedllm does not "
+                              f"know; {advice}")
+        if version < 2:
+            chained = "genesis" in d or "head" in d or any(
+                isinstance(c, dict) and ("hash" in c or "prev_hash" in c) for c in d["history"])
+            if chained:  # a chained ledger relabelled old would skip the chain check: refuse it
+                raise LedgerError(f"privacy ledger {path} is labelled ledger_version 1 but holds a hash chain "
+                                  f"(version 2 content); it was edited, so this client will not train on it; {advice}")
+            ledger.save()  # a genuine version-1 ledger migrates once: from now on it is chained on disk
+            return ledger
+        broken = chain.problems(d)
+        if broken:
+            where = "; ".join(f"{field} {why}" for field, why in broken)
+            raise LedgerError(f"privacy ledger {path} fails its hash chain ({where}); the budget it records "
+                              f"cannot be trusted, so this client will not train on it; {advice}")
         return ledger
 
     def to_dict(self) -> dict[str, Any]:

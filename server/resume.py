@@ -1,0 +1,129 @@
+"""What a restarted server trusts from its run directory: data only, checked.
+
+Strategy state is saved as tensors (safetensors) and a JSON manifest, never pickled: a
+planted file can at worst be refused. A restart whose config differs from the run's is
+refused with the differing keys; `resume.accept-changes=true` accepts only keys that can
+change neither privacy nor shapes. Every file read here that is missing or corrupt gives
+one FedllmError naming the file and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedllm import atomic
+from fedllm.config import Config
+from fedllm.errors import FedllmError
+
+STATE_FILE, MANIFEST = "strategy.safetensors", "strategy.json"
+# Keys a restart may change (with resume.accept-changes=true): neither privacy nor shapes depend on them.
+SAFE_TO_CHANGE = frozenset({"round-timeout", "evaluate.every", "evaluate.batch-size", "simulation.num-cpus",
+                            "simulation.cpus-per-client", "resume.accept-changes", "run-dir"})
+
+
+def _corrupt(path: Path, what: str) -> FedllmError:
+    return FedllmError(f"cannot resume: {path} {what}; restore it from a backup, or move {path.parent} aside "
+                       "and delete checkpoints/latest.json to start the run over in a new run directory")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise _corrupt(path, "is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise _corrupt(path, f"is not valid JSON ({type(exc).__name__})") from None
+
+
+def config_changes(saved: dict[str, Any], config: Config, accept: bool) -> None:
+    """Refuse a restart whose config differs from the one the run started with."""
+    now = config.to_flat()
+    differ = sorted(k for k in set(saved) | set(now) if k != "run-dir" and saved.get(k) != now.get(k))
+    refused = [k for k in differ if not (accept and k in SAFE_TO_CHANGE)]
+    if refused:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in refused[:12])
+        hint = (" (resume.accept-changes=true accepts only " + ", ".join(sorted(SAFE_TO_CHANGE - {"run-dir"})) + ")")
+        raise FedllmError(f"cannot resume: the config differs from the run's config.json in {shown}; run with the "
+                          f"same config, or start a new run directory{hint}")
+
+
+def save_strategy(strategy, folder: Path) -> None:
+    """The strategy's array state (FedAdam's moments, FedAvgM's momentum, ...) as tensors."""
+    from flwr.app import ArrayRecord
+
+    tensors: dict[str, np.ndarray] = {}
+    manifest: dict[str, Any] = {"strategy": type(strategy).__name__, "attributes": {}}
+    for name, value in sorted(vars(strategy).items()):
+        if isinstance(value, ArrayRecord):
+            kind, items = "record", {k: v.numpy() for k, v in value.items()}
+        elif isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
+            kind, items = "dict", value
+        elif isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
+            kind, items = "list", {str(i): v for i, v in enumerate(value)}
+        else:
+            continue
+        manifest["attributes"][name] = {"kind": kind, "keys": list(items)}
+        tensors.update({f"{name}/{k}": np.ascontiguousarray(v) for k, v in items.items()})
+    data = _safetensors_bytes(tensors) if tensors else b""
+    atomic.write_bytes(folder / STATE_FILE, data)
+    atomic.write_json(folder / MANIFEST, manifest)
+
+
+def _safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
+    from safetensors.numpy import save
+
+    return save(tensors)
+
+
+def load_strategy(strategy, folder: Path, shapes: dict[str, tuple[int, ...]]):
+    """Restore `strategy` (freshly made from the config) from its saved array state; every
+    attribute, kind, key and shape is checked against what the fresh strategy can hold."""
+    from flwr.app import Array, ArrayRecord
+    from safetensors.numpy import load
+
+    manifest_path, state_path = folder / MANIFEST, folder / STATE_FILE
+    manifest = read_json(manifest_path)
+    if not isinstance(manifest, dict) or manifest.get("strategy") != type(strategy).__name__:
+        raise _corrupt(manifest_path, f"is not the state of a {type(strategy).__name__} strategy")
+    attributes = manifest.get("attributes")
+    if not isinstance(attributes, dict):
+        raise _corrupt(manifest_path, "has no attributes table")
+    try:
+        raw = state_path.read_bytes()
+        tensors = load(raw) if raw else {}
+    except FileNotFoundError:
+        raise _corrupt(state_path, "is missing") from None
+    except Exception as exc:  # noqa: BLE001 - any decoding failure is a corrupt file
+        raise _corrupt(state_path, f"is not a safetensors file ({type(exc).__name__})") from None
+    fresh = vars(strategy)
+    for name, entry in attributes.items():
+        if name not in fresh or not isinstance(entry, dict) or entry.get("kind") not in ("record", "dict", "list"):
+            raise _corrupt(manifest_path, f"names an attribute {name!r} a {type(strategy).__name__} does not have")
+        keys = entry.get("keys")
+        if not isinstance(keys, list) or any(f"{name}/{k}" not in tensors for k in keys):
+            raise _corrupt(state_path, f"lacks tensors of {name}")
+        items = {str(k): tensors[f"{name}/{k}"] for k in keys}
+        if entry["kind"] in ("record", "dict"):
+            if set(items) != set(shapes) or any(tuple(v.shape) != shapes[k] for k, v in items.items()):
+                raise _corrupt(state_path, f"holds {name} tensors that do not fit this run's adapter")
+        if not all(np.isfinite(v).all() for v in items.values()):
+            raise _corrupt(state_path, f"holds non-finite values in {name}")
+        if entry["kind"] == "record":
+            setattr(strategy, name, ArrayRecord({k: Array(np.asarray(v)) for k, v in items.items()}))
+        elif entry["kind"] == "dict":
+            setattr(strategy, name, {k: np.asarray(v) for k, v in items.items()})
+        else:
+            setattr(strategy, name, [np.asarray(items[str(i)]) for i in range(len(items))])
+    return strategy
+
+
+def check_server_state(state: Any, path: Path) -> dict[str, Any]:
+    """server-state.json, typed."""
+    fields = {"round": int, "run_id": str, "declined": dict, "rejected": int, "upload": list}
+    if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in fields.items()):
+        raise _corrupt(path, "lacks a field of " + ", ".join(fields) + " or has one of the wrong type")
+    return state

@@ -228,6 +228,7 @@ class Rounds:
                                               + ")"))
             else:
                 accepted.append((node, client, verdict))
+        accepted.sort(key=lambda item: item[1])  # by client id: the sum's order (and its rounding) is reproducible
         for node, client, reason in dropped:
             log.warning("round %d: dropped reply from client %s (node %d): %s", server_round, say(client), node, reason)
         self.rejected += len(dropped)

@@ -6,7 +6,9 @@
     fedllm audit canary [--config FILE] [--set KEY=VALUE ...] --run-dir DIR [--canaries M] [--guesses R]
     fedllm certs DIR [--nodes N] [--host HOST ...]
     fedllm server --certs DIR | --ca-cert F --cert F --key F  --nodes DIR --run-dir DIR [--config FILE] [--set ...]
+    fedllm server register KEY --run-dir DIR
     fedllm client --superlink HOST:PORT --ca-cert F --key F --data PATH --state-dir DIR [--require-secagg]
+                  [--require-dp] [--max-epsilon E] [--max-delta D] [--require-user-dp] [--model NAME]
     fedllm keys
 """
 
@@ -129,10 +131,18 @@ def cmd_server(args: argparse.Namespace) -> int:
                           f"would wait for devices that cannot join; use --set num-clients={devices} or add keys")
     ca_cert, cert, key = _server_files(args)
     summary = serve(config, args.run_dir, ca_cert=ca_cert, cert=cert, key=key, nodes=args.nodes, host=args.host,
-                    port=args.port)
+                    port=args.port, local_port=args.local_port)
     print()
     print(format_summary(summary))
     print(f"\nrun directory: {args.run_dir}")
+    return 0
+
+
+def cmd_server_register(args: argparse.Namespace) -> int:
+    from fedllm.deploy.server import register
+
+    node_id = register(args.key, args.run_dir)
+    print(f"node key {args.key}: " + (f"registered as node {node_id}" if node_id else "already registered"))
     return 0
 
 
@@ -141,7 +151,8 @@ def cmd_client(args: argparse.Namespace) -> int:
 
     run_daemon(superlink=args.superlink, ca_cert=args.ca_cert, key=args.key, data=args.data,
                state_dir=args.state_dir, client_id=args.client_id, port=args.port,
-               require_secagg=args.require_secagg)
+               require_secagg=args.require_secagg, require_dp=args.require_dp, max_epsilon=args.max_epsilon,
+               max_delta=args.max_delta, require_user_dp=args.require_user_dp, model=args.model)
     return 0  # not reached: the daemon became the SuperNode
 
 
@@ -214,9 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--key", type=Path, help="server private key (default: CERTS/server.key)")
     server.add_argument("--nodes", type=Path, required=True, help="directory of the devices' *.pub keys to register")
     server.add_argument("--run-dir", type=Path, required=True, help="the run directory")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1; 0.0.0.0 for all)")
-    server.add_argument("--port", type=int, default=9093, help="the SuperLink's port (9093)")
+    server.add_argument("--host", default="127.0.0.1", help="device-facing address (127.0.0.1; 0.0.0.0 for all); "
+                                                            "only the Fleet API is served there, through nginx")
+    server.add_argument("--port", type=int, default=9093, help="the devices' port (9093)")
+    server.add_argument("--local-port", type=int, default=9091,
+                        help="loopback port of the SuperLink itself: Control and Runtime APIs (9091)")
     server.set_defaults(func=cmd_server)
+
+    register = sub.add_parser("server-register", help=argparse.SUPPRESS, prog="fedllm server register",
+                              description="Register a device's node public key with a running `fedllm server` on "
+                                          "this machine (over the loopback Control API).")
+    register.add_argument("key", type=Path, help="the device's node public key (*.pub)")
+    register.add_argument("--run-dir", type=Path, required=True, help="the running server's run directory")
+    register.set_defaults(func=cmd_server_register)
 
     client = sub.add_parser("client", help="the device daemon: a SuperNode running fedllm on this device's data")
     client.add_argument("--superlink", required=True, help="the server's address, host:port")
@@ -231,6 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--require-secagg", action="store_true",
                         help="refuse to train for a server that does not use secure aggregation: this device's "
                              "update then never leaves it unmasked")
+    client.add_argument("--require-dp", action=argparse.BooleanOptionalAction, default=True,
+                        help="train only with record-level DP-SGD (default; --no-require-dp allows non-private "
+                             "rounds)")
+    client.add_argument("--max-epsilon", type=float, default=8.0,
+                        help="the largest privacy.target-epsilon this device accepts from a server (8)")
+    client.add_argument("--max-delta", type=float, default=1e-5,
+                        help="the largest privacy.delta this device accepts from a server (1e-5)")
+    client.add_argument("--require-user-dp", action="store_true",
+                        help="refuse rounds without user-level DP (user-dp.enabled)")
+    client.add_argument("--model", default="builtin",
+                        help="the base model this device loads: builtin, or a local model directory (never taken "
+                             "from the server)")
     client.set_defaults(func=cmd_client)
 
     keys = sub.add_parser("keys", help="list every config key with its default")
@@ -242,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["audit", "canary"]:  # a sub-command of `audit`, whose first argument is otherwise a path
         argv = ["audit-canary", *argv[2:]]
+    if argv[:2] == ["server", "register"]:
+        argv = ["server-register", *argv[2:]]
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -103,8 +103,13 @@ def privacy_line(privacy: dict[str, Any]) -> str:
             f"{privacy['delta']:g}); {privacy['declines']} declines by {len(privacy['declined'])} clients")
 
 
+def _filled(metrics: dict[str, Any] | None) -> dict[str, float]:
+    """Every summary metric, NaN where none was measured (e.g. every evaluation reply was dropped)."""
+    return {k: float((metrics or {}).get(k, float("nan"))) for k in ("perplexity", "loss", "top1", "top3")}
+
+
 def format_summary(summary: dict[str, Any]) -> str:
-    base, glob = summary["base"], summary["global"]
+    base, glob = _filled(summary.get("base")), _filled(summary.get("global"))
     rows = [
         ("", "base", "global"),
         ("held-out perplexity", f"{base['perplexity']:.2f}", f"{glob['perplexity']:.2f}"),
@@ -113,7 +118,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("next-token top-3", f"{base['top3']:.3f}", f"{glob['top3']:.3f}"),
     ]
     if "personalised" in summary:
-        pers, loc = summary["personalised"], summary["local_only"]
+        pers, loc = _filled(summary["personalised"]), _filled(summary.get("local_only"))
         rows = [(*r, *extra) for r, extra in zip(rows, [
             ("local-only", "personalised"), (f"{loc['perplexity']:.2f}", f"{pers['perplexity']:.2f}"),
             (f"{loc['loss']:.4f}", f"{pers['loss']:.4f}"), (f"{loc['top1']:.3f}", f"{pers['top1']:.3f}"),

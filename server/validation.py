@@ -353,6 +353,8 @@ def eval_ranges(metric_keys: frozenset[str]) -> dict[str, tuple[float, float, bo
             ranges[key] = (0.0, MAX_LOSS, False)
         elif key.endswith("declined"):
             ranges[key] = (0.0, 1.0, True)
+        elif key.endswith("tokens"):
+            ranges[key] = (0, 2**40, True)
         else:  # accuracies
             ranges[key] = (0.0, 1.0, False)
     return ranges

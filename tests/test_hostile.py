@@ -272,3 +272,6 @@ def test_hostile_evaluate_replies_never_crash_the_summary(rounds):
     assert everyone_dropped == {"clients": {}, "mean": {}}
     summary = r.summary(everyone_dropped, everyone_dropped, 1.0)
     assert summary["global"] == {} and summary["evaluated_clients"] == []
+    from fedllm.plots import format_summary
+
+    assert "held-out perplexity" in format_summary(summary)  # nan, not a crash

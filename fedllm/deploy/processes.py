@@ -44,12 +44,12 @@ def write_connection(flwr_home: Path, address: str, ca_cert: Path) -> None:
 
 
 def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen | None = None,
-                  log: Path | None = None) -> None:
+                  log: Path | None = None, what: str = "the SuperLink") -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if process is not None and process.poll() is not None:
             tail = log.read_text()[-2000:] if log and log.exists() else ""
-            raise FedllmError(f"the SuperLink exited with status {process.returncode} before listening on "
+            raise FedllmError(f"{what} exited with status {process.returncode} before listening on "
                               f"{host}:{port}:\n{tail}")
         try:
             with socket.create_connection((host, port), timeout=1):

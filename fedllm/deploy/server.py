@@ -50,9 +50,34 @@ def node_keys(nodes: Path) -> list[Path]:
     return keys
 
 
+def _stop(process: subprocess.Popen | None) -> None:
+    if process is not None and process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def register(public_key: Path, run_dir: Path) -> str:
+    """`fedllm server register KEY`: the operator registers a device's key with a running
+    server, over the loopback Control API (devices cannot reach it)."""
+    key = processes.require_file(public_key, "node public key", "KEY")
+    flwr_home = Path(run_dir).resolve() / ".flwr"
+    if not (flwr_home / "config.toml").exists():
+        raise FedllmError(f"{run_dir} is not the run directory of a `fedllm server` on this machine "
+                          "(no .flwr/config.toml)")
+    return processes.register_node(key, flwr_home)
+
+
 def serve(config: Config, run_dir: Path, *, ca_cert: Path, cert: Path, key: Path, nodes: Path,
-          host: str = "127.0.0.1", port: int = 9093) -> dict:
-    """Start the SuperLink, register `nodes`/*.pub, run the ServerApp to the end; the summary."""
+          host: str = "127.0.0.1", port: int = 9093, local_port: int = 9091) -> dict:
+    """Start the SuperLink on loopback and nginx on the device-facing address (Fleet API
+    only), register `nodes`/*.pub, run the ServerApp to the end; the summary."""
+    from fedllm.deploy.proxy import exposure, start_proxy
+
+    if local_port == port:
+        raise FedllmError(f"--local-port {local_port} must differ from --port {port}")
     ca_cert = processes.require_file(ca_cert, "CA certificate", "--ca-cert")
     cert = processes.require_file(cert, "server certificate", "--cert")
     key = processes.require_file(key, "server private key", "--key")
@@ -60,13 +85,18 @@ def serve(config: Config, run_dir: Path, *, ca_cert: Path, cert: Path, key: Path
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = run_dir / ".flwr"
-    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    processes.write_connection(flwr_home, f"{local}:{port}", ca_cert)
+    processes.write_connection(flwr_home, f"127.0.0.1:{local_port}", ca_cert)
     log = run_dir / "superlink.log"
-    superlink = processes.start_superlink(host=host, port=port, ca_cert=ca_cert, cert=cert, key=key,
+    superlink = processes.start_superlink(host="127.0.0.1", port=local_port, ca_cert=ca_cert, cert=cert, key=key,
                                           database=run_dir / "superlink.db", log=log, flwr_home=flwr_home)
+    proxy = None
     try:
-        processes.wait_for_port(local, port, 60, superlink, log)
+        processes.wait_for_port("127.0.0.1", local_port, 60, superlink, log)
+        proxy = start_proxy(host=host, port=port, upstream_port=local_port, cert=cert, key=key, ca_cert=ca_cert,
+                            work=run_dir / "proxy")
+        processes.wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port, 30, proxy,
+                                run_dir / "proxy" / "nginx.log", "nginx")
+        print(exposure(host, port, local_port), flush=True)
         for public in keys:
             node_id = processes.register_node(public, flwr_home)
             print(f"node key {public.name}: " + (f"registered as node {node_id}" if node_id else "already registered"),
@@ -82,9 +112,5 @@ def serve(config: Config, run_dir: Path, *, ca_cert: Path, cert: Path, key: Path
                               f"see {log} and the output above")
         return json.loads(summary.read_text())
     finally:
-        if superlink.poll() is None:
-            os.killpg(superlink.pid, signal.SIGTERM)
-            try:
-                superlink.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(superlink.pid, signal.SIGKILL)
+        _stop(proxy)
+        _stop(superlink)

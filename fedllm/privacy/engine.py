@@ -102,12 +102,16 @@ def make_private(model, optimizer, loader, noise_multiplier: float, max_grad_nor
     )
     expected = poisson_sample_rate(len(loader.dataset), loader.batch_size)
     sampler = getattr(dp_loader, "batch_sampler", None)
+    why = ""
     if not isinstance(dp_loader, DPDataLoader) or not isinstance(sampler, UniformWithReplacementSampler):
-        raise PrivacyError("DP-SGD loader is not Poisson-sampled; the reported epsilon would not hold")
-    if abs(sampler.sample_rate - expected) > 1e-12:
-        raise PrivacyError(f"Poisson sample rate {sampler.sample_rate} differs from the expected {expected}")
-    if charged_rate is not None and abs(sampler.sample_rate - charged_rate) > 1e-12:
-        raise PrivacyError(f"Poisson sample rate {sampler.sample_rate} differs from the charged {charged_rate}")
+        why = "DP-SGD loader is not Poisson-sampled; the reported epsilon would not hold"
+    elif abs(sampler.sample_rate - expected) > 1e-12:
+        why = f"Poisson sample rate {sampler.sample_rate} differs from the expected {expected}"
+    elif charged_rate is not None and abs(sampler.sample_rate - charged_rate) > 1e-12:
+        why = f"Poisson sample rate {sampler.sample_rate} differs from the charged {charged_rate}"
+    if why:
+        hooks.cleanup()  # the model stays usable (a worker reuses it for the next client)
+        raise PrivacyError(why)
     private = Private(dp_optimizer, dp_loader, expected, hooks)
     counter = private.steps_taken
     private._step_hook = optimizer.register_step_post_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))

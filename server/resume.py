@@ -43,10 +43,14 @@ def config_changes(saved: dict[str, Any], config: Config, accept: bool) -> None:
     """Refuse a restart whose config differs from the one the run started with."""
     now = config.to_flat()
     differ = sorted(k for k in set(saved) | set(now) if k != "run-dir" and saved.get(k) != now.get(k))
-    refused = [k for k in differ if not (accept and k in SAFE_TO_CHANGE)]
+    safe = set(SAFE_TO_CHANGE)
+    if not config.user_dp.enabled and (not config.privacy.enabled or config.privacy.planned_rounds):
+        safe.add("num-server-rounds")  # more rounds change no calibration: the noise was planned explicitly
+    refused = [k for k in differ if not (accept and k in safe)]
     if refused:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in refused[:12])
-        hint = (" (resume.accept-changes=true accepts only " + ", ".join(sorted(SAFE_TO_CHANGE - {"run-dir"})) + ")")
+        hint = (" (resume.accept-changes=true accepts only " + ", ".join(sorted(safe - {"run-dir"}))
+                + "; num-server-rounds too when user-level DP is off and privacy.planned-rounds is set)")
         raise FedllmError(f"cannot resume: the config differs from the run's config.json in {shown}; run with the "
                           f"same config, or start a new run directory{hint}")
 

@@ -531,7 +531,16 @@ class Rounds:
         }
 
 
+SERVER_ERROR = "server-error.txt"  # why the server stopped, for whoever started it (one line, no traceback)
+
+
 def run_server(grid: Grid, config: Config, run_dir: Path) -> dict[str, Any]:
-    summary = Rounds(grid, config, run_dir).run_all()
+    (Path(run_dir) / SERVER_ERROR).unlink(missing_ok=True)
+    try:
+        summary = Rounds(grid, config, run_dir).run_all()
+    except FedllmError as exc:
+        atomic.write_bytes(Path(run_dir) / SERVER_ERROR, f"{exc}\n".encode())
+        log.error("%s", exc)
+        raise
     finish(run_dir, format_summary(summary))  # summary.txt and plots, as in every run directory
     return summary

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.config import Config, load_toml
-from fedllm.errors import ConfigError
+from fedllm.errors import ConfigError, FedllmError
 from fedllm.data import load_clients
 from fedllm.model import resolve_base
 from fedllm.rundir import RunDir
@@ -75,6 +75,7 @@ def simulate(config: Config, run_dir: Path, client_app=None) -> dict[str, Any]:
     # Each simulated device's own config (its policy, paths): Ray's workers inherit the environment.
     previous = os.environ.get(LOCAL_CONFIG_ENV)
     os.environ[LOCAL_CONFIG_ENV] = json.dumps(config.with_values({"run-dir": str(run_dir)}).to_flat())
+    error = Path(run_dir) / "server-error.txt"  # server.rounds.SERVER_ERROR: why the server stopped
     try:
         run_simulation(
             server_app=make_server_app(config, run_dir),
@@ -82,12 +83,18 @@ def simulate(config: Config, run_dir: Path, client_app=None) -> dict[str, Any]:
             num_supernodes=config.num_clients,
             backend_config=backend_config(config),
         )
+    except Exception:
+        if error.exists():
+            raise FedllmError(error.read_text().strip()) from None
+        raise
     finally:
         if previous is None:
             os.environ.pop(LOCAL_CONFIG_ENV, None)
         else:
             os.environ[LOCAL_CONFIG_ENV] = previous
     run = RunDir(run_dir)
+    if error.exists():
+        raise FedllmError(error.read_text().strip())
     if not run.summary_file.exists():
         raise RuntimeError(f"the simulation ended without writing {run.summary_file}; see the log above")
     return run.summary()

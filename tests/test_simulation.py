@@ -113,7 +113,11 @@ def test_a_restarted_run_continues_from_its_last_completed_round(tmp_path, cache
     first_run = json.loads((resumed / "metrics.jsonl").read_text().splitlines()[0])["run_id"]
     with open(resumed / "metrics.jsonl", "a") as handle:  # a round 2 the crash cut short
         handle.write(json.dumps({"round": 2, "train": {"clients": ["half-done"]}}) + "\n")
-    simulate(load_experiment(TINY, {"privacy.enabled": False}), resumed)
+    from fedllm.errors import FedllmError
+
+    with pytest.raises(FedllmError, match="num-server-rounds: 1 -> 2"):  # a changed config is refused by default
+        simulate(load_experiment(TINY, {"privacy.enabled": False}), resumed)
+    simulate(load_experiment(TINY, {"privacy.enabled": False, "resume.accept-changes": True}), resumed)
 
     a, b = ([json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (straight, resumed))
     assert [m["round"] for m in b] == [0, 1, 2] and b[0]["run_id"] == first_run

@@ -22,6 +22,7 @@ from client.runtime import client_data, evaluate_client, personalise_client, tra
 from fedllm.config import Config
 from fedllm.errors import FedllmError
 from fedllm.privacy.policy import DevicePolicy, device_config
+from fedllm.rundir import flwr_run_dir
 
 app = ClientApp()
 LOCAL_CONFIG_ENV = "FEDLLM_DEVICE_CONFIG"  # a simulation's own config, handed to its workers by the runner
@@ -41,6 +42,8 @@ def _local(context: Context) -> tuple[dict, DevicePolicy]:
         return local, DevicePolicy.from_node_config(node)
     if context.run_config:
         config = Config.from_flat(dict(context.run_config))
+        if not config.run_dir:  # the ServerApp derives the same one (server.app)
+            config = config.with_values({"run-dir": str(flwr_run_dir(context.run_id))})
     elif os.environ.get(LOCAL_CONFIG_ENV):
         config = Config.from_flat(json.loads(os.environ[LOCAL_CONFIG_ENV]))
     else:

@@ -4,8 +4,11 @@
     metrics.jsonl        one object per round (round 0: the base, before training)
     summary.json         final figures (base vs global, upload bytes, ...)
     checkpoints/round-N  global adapter after round N (round-0: the initial one), a PEFT adapter directory,
-                         with what a restarted server resumes from (global.safetensors, strategy.pkl,
-                         server-state.json); checkpoints/latest.json names the last completed round
+                         with what a restarted server resumes from (global.safetensors, strategy.safetensors
+                         and strategy.json: data only, never a pickle; server-state.json);
+                         checkpoints/latest.json names the last completed round
+    server-error.txt     why the server stopped, when it stopped on an error (one line)
+    proxy/               `fedllm server` only: nginx's config and logs
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ from fedllm.errors import FedllmError
 
 def default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def flwr_run_dir(run_id: int) -> Path:
+    """The run directory of a `flwr run` without `run-dir`: both apps derive it from the
+    run id, so simulated devices find their state stores without taking a path from the server."""
+    return Path("runs") / f"flwr-{run_id}"
 
 
 class RunDir:

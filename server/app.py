@@ -10,7 +10,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm.config import Config
-from fedllm.rundir import default_run_dir
+from fedllm.rundir import flwr_run_dir
 from server.rounds import run_server
 
 
@@ -30,4 +30,4 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     config = Config.from_flat(dict(context.run_config))
-    run_server(grid, config, Path(config.run_dir) if config.run_dir else default_run_dir())
+    run_server(grid, config, Path(config.run_dir) if config.run_dir else flwr_run_dir(context.run_id))

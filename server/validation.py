@@ -37,6 +37,20 @@ def say(value: Any, limit: int = 100) -> str:
     return ascii(cut)[1:-1] + ("..." if len(text) > limit else "")
 
 
+def error_summary(reason: Any) -> str:
+    """A client's error reply in one safe line: its first `SomeError: message` line (Flower
+    sends whole tracebacks), escaped and cut."""
+    import re
+
+    text = reason if isinstance(reason, str) else ""
+    for line in text[:100_000].splitlines():
+        match = re.match(r"\s*([\w.]*(?:Error|Exception)): (\S.*)$", line)
+        if match:
+            return say(f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}", 200)
+    lines = [line for line in text[-2000:].splitlines() if line.strip()]
+    return say(lines[-1].strip() if lines else "no reason given", 200)
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """What a valid delta looks like: key -> shape, all float32."""
@@ -155,6 +169,18 @@ def check_metrics(metrics: Mapping, ranges: Mapping[str, tuple[float, float, boo
             return f"metric {key}: {say(repr(metrics[key]), 40)} is not {'an integer' if integer else 'a number'} " \
                    f"in [{lo:g}, {hi:g}]"
     return ""
+
+
+def _declared_metrics(metrics: Mapping, ranges, declared: int | None, what: str) -> tuple[dict[str, float], str]:
+    """(the metrics as floats, "") when typed, in range, and `num-examples` is what the node
+    declared at discovery; else ({}, why)."""
+    why = check_metrics(metrics, ranges)
+    if why:
+        return {}, why
+    values = {k: float(v) for k, v in metrics.items()}
+    if declared is not None and values["num-examples"] != declared:
+        return {}, f"num-examples {values['num-examples']:.0f}, but the node declared {declared} {what} at discovery"
+    return values, ""
 
 
 def _client_record(content, expect: Expect) -> tuple[str, str, str]:
@@ -291,7 +317,7 @@ def check_train_reply(msg: Message, spec: AdapterSpec, expect: Expect | None = N
 
 def _check_train(msg: Message, spec: AdapterSpec, expect: Expect) -> Verdict:
     if msg.has_error():
-        return Verdict(reason=f"client error: {say(msg.error.reason, 200)}")
+        return Verdict(reason=f"client error: {error_summary(msg.error.reason)}")
     content = msg.content
     why = _records_ok(content, TRAIN_RECORDS)
     if why:
@@ -318,14 +344,10 @@ def _check_train(msg: Message, spec: AdapterSpec, expect: Expect) -> Verdict:
     delta, why = decode_delta(content.array_records["arrays"], spec)
     if delta is None:
         return Verdict(reason=why)
-    metrics = content.metric_records["metrics"]
-    why = check_metrics(metrics, _metric_ranges(expect))
+    values, why = _declared_metrics(content.metric_records["metrics"], _metric_ranges(expect), expect.num_records,
+                                    "records")
     if why:
         return Verdict(reason=why)
-    values = {k: float(v) for k, v in metrics.items()}
-    if expect.num_records is not None and values["num-examples"] != expect.num_records:
-        return Verdict(reason=f"num-examples {values['num-examples']:.0f}, but the node declared "
-                              f"{expect.num_records} records at discovery")
     if expect.local_steps is not None and values["steps"] != expect.local_steps:
         return Verdict(reason=f"steps {values['steps']:.0f}, expected local-steps={expect.local_steps}")
     if report is not None and abs(values["epsilon"] - report["epsilon"]) > 1e-9 * max(1.0, report["epsilon"]):
@@ -362,7 +384,7 @@ def eval_ranges(metric_keys: frozenset[str]) -> dict[str, tuple[float, float, bo
 
 def _check_evaluate(msg: Message, metric_keys: frozenset[str], expect: Expect) -> Verdict:
     if msg.has_error():
-        return Verdict(reason=f"client error: {say(msg.error.reason, 200)}")
+        return Verdict(reason=f"client error: {error_summary(msg.error.reason)}")
     content = msg.content
     why = _records_ok(content, EVAL_RECORDS)
     if why:
@@ -372,14 +394,10 @@ def _check_evaluate(msg: Message, metric_keys: frozenset[str], expect: Expect) -
         return Verdict(reason=why or "an evaluation reply cannot decline")
     if "metrics" not in content.metric_records:
         return Verdict(reason="no metrics")
-    metrics = content.metric_records["metrics"]
-    why = check_metrics(metrics, eval_ranges(metric_keys))
+    values, why = _declared_metrics(content.metric_records["metrics"], eval_ranges(metric_keys), expect.num_heldout,
+                                    "held-out records")
     if why:
         return Verdict(reason=why)
-    values = {k: float(v) for k, v in metrics.items()}
-    if expect.num_heldout is not None and values["num-examples"] != expect.num_heldout:
-        return Verdict(reason=f"num-examples {values['num-examples']:.0f}, but the node declared "
-                              f"{expect.num_heldout} held-out records at discovery")
     text, why = _privacy_record(content)
     report = None
     if not why and text is not None:

@@ -114,6 +114,74 @@ def _ledger_rounds(path: Path) -> list[int]:
         return []
 
 
+def _outsider_is_refused(tmp_path: Path, port: int, certs: Path, rogue_key: Path) -> None:
+    """What an outsider holding ca.crt can do on the devices' address: nothing but the Fleet API."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from fedllm.deploy.processes import environment, write_connection
+
+    home = tmp_path / "outsider"
+    write_connection(home, f"127.0.0.1:{port}", certs / "ca.crt")
+    for command in (["flwr", "ls", "fedllm"], ["flwr", "supernode", "register", str(rogue_key), "fedllm"],
+                    ["flwr", "supernode", "list", "fedllm"]):
+        done = subprocess.run(command, env=environment(home), capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0, (command, done.stdout[-500:])
+        assert "success\": true" not in done.stdout and "registered" not in done.stdout.lower(), done.stdout
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    for path in ("/v1/control/start-run", "/v1/control/list-runs", "/v1/control/register-node", "/docs",
+                 "/health", "/v1/fleet/../control/list-runs"):
+        request = urllib.request.Request(f"https://127.0.0.1:{port}{path}", data=b"", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, context=context, timeout=30)
+        assert refused.value.code in (403, 404), (path, refused.value.code)
+
+
+def test_operator_registers_a_key_late_and_a_device_refuses_a_looser_budget(tmp_path, cache_dir, capsys):
+    """`fedllm server register` adds a key through the loopback Control API while the
+    server runs (the devices' address refuses the same request); the device with that key
+    joins, and, started with --max-epsilon 2 against a server asking for 8, refuses every
+    round over the wire: the server counts the refusals with the device's reason, and the
+    device never creates a ledger."""
+    certs = tmp_path / "certs"
+    assert main(["certs", str(certs), "--nodes", "2"]) == 0
+    late = tmp_path / "late"
+    late.mkdir()
+    shutil.move(certs / "nodes" / "node-2.pub", late / "node-2.pub")
+    shutil.move(certs / "nodes" / "node-1.pub", late / "node-1.pub")  # no device is known at start
+    (certs / "nodes" / "placeholder.pub").write_bytes((late / "node-1.pub").read_bytes())
+    data = _devices(tmp_path, 1)[0]
+    run_dir, port = tmp_path / "run", 18400 + os.getpid() % 500
+    server = _start(["server", "--certs", str(certs), "--nodes", str(certs / "nodes"), "--run-dir", str(run_dir),
+                     "--config", str(TINY), "--port", str(port), "--local-port", str(port + 5), "--host", "0.0.0.0",
+                     "--set", "num-clients=1", "--set", "clients-per-round=1", "--set", "evaluate.num-clients=1",
+                     "--set", "round-timeout=60"], tmp_path / "server.log")
+    device = None
+    try:
+        _wait_for(tmp_path / "server.log", "waiting for 1 devices", 120, server)
+        log = (tmp_path / "server.log").read_text()
+        assert "network-facing: 0.0.0.0:" in log and "the Fleet API only" in log
+        _outsider_is_refused(tmp_path, port, certs, late / "node-2.pub")
+        capsys.readouterr()
+        assert main(["server", "register", str(late / "node-2.pub"), "--run-dir", str(run_dir)]) == 0
+        assert "registered as node" in capsys.readouterr().out
+        device = _start(["client", "--superlink", f"127.0.0.1:{port}", "--ca-cert", str(certs / "ca.crt"),
+                         "--key", str(certs / "nodes" / "node-2"), "--data", str(data), "--state-dir",
+                         str(tmp_path / "state"), "--port", str(port + 11), "--max-epsilon", "2"],
+                        tmp_path / "client.log")
+        assert server.wait(timeout=400) == 0, (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        _stop(server, *([device] if device else []))
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for record in rounds[1:]:
+        assert not record["train"]["clients"]
+        [declined] = record["train"]["declined"]
+        assert "refused: privacy.target-epsilon=8 exceeds this device's maximum 2" in declined["reason"]
+    assert json.loads((run_dir / "privacy" / "summary.json").read_text())["declines"] == 2
+    assert not list((tmp_path / "state").glob("*/ledger.json"))  # nothing was charged
+
+
 def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir):
     """Three devices with TLS and node authentication, secure aggregation (SecAgg+) and
     user-level DP on; an unregistered node is refused; the server is killed after round 1
@@ -128,7 +196,8 @@ def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir):
     devices = _devices(tmp_path, 3)
     run_dir, port = tmp_path / "run", 19400 + os.getpid() % 500
     server_args = ["server", "--certs", str(certs), "--nodes", str(certs / "nodes"), "--run-dir", str(run_dir),
-                   "--config", str(TINY), "--port", str(port), "--set", "num-clients=3", "--set",
+                   "--config", str(TINY), "--port", str(port), "--local-port", str(port + 5), "--set", "num-clients=3",
+                   "--set",
                    "clients-per-round=3", "--set", "evaluate.num-clients=3", "--set", "evaluate.every=2",
                    "--set", "round-timeout=60", "--set", "secagg.enabled=true", "--set", "user-dp.enabled=true",
                    "--set", "user-dp.sampling=fixed",
@@ -138,12 +207,15 @@ def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir):
     def client(i: int, key: Path, data: Path, log: str) -> subprocess.Popen:
         return _start(["client", "--superlink", f"127.0.0.1:{port}", "--ca-cert", str(certs / "ca.crt"),
                        "--key", str(key), "--data", str(data), "--state-dir", str(tmp_path / f"state-{i}"),
-                       "--port", str(port + 10 + i)], tmp_path / log)
+                       "--port", str(port + 10 + i), "--require-dp", "--max-epsilon", "8", "--max-delta", "1e-5"],
+                      tmp_path / log)
 
     server = _start(server_args, tmp_path / "server.log")
     clients: dict[int, subprocess.Popen] = {}
     try:
         _wait_for(tmp_path / "server.log", "waiting for 3 devices", 120, server)
+        assert "loopback only: 127.0.0.1:" in (tmp_path / "server.log").read_text()
+        _outsider_is_refused(tmp_path, port, certs, rogue / "node-4.pub")
         clients = {i: client(i, certs / "nodes" / f"node-{i}", devices[i - 1], f"client-{i}.log") for i in (1, 2, 3)}
         refused = client(4, certs / "nodes" / "node-4", devices[0], "client-4.log")
         assert refused.wait(timeout=120) != 0

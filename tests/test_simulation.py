@@ -125,3 +125,17 @@ def test_a_restarted_run_continues_from_its_last_completed_round(tmp_path, cache
     x, y = (load_state(d / "checkpoints" / "round-2" / "global.safetensors") for d in (straight, resumed))
     assert all(torch.allclose(x[k], y[k], atol=1e-6) for k in x)
     assert json.loads((resumed / "summary.json").read_text())["rounds"] == 2
+
+
+def test_one_poisoning_client_in_six_is_contained(tmp_path, cache_dir):
+    """1e30 deltas from one client in six: the run completes within 1% of the clean run's
+    held-out loss under fedavg with validation.max-delta-norm=auto, and under fedmedian alone."""
+    from simulations.poisoning import run
+
+    clean = run("clean", {}, tmp_path / "clean", poisoned=False)
+    bounded = run("auto", {"validation.max-delta-norm": "auto"}, tmp_path / "auto", poisoned=True)
+    median = run("median", {"strategy.name": "fedmedian", "validation.max-delta-norm": "none"}, tmp_path / "median",
+                 poisoned=True)
+    assert bounded["rejected"] == 2 and median["rejected"] == 0  # dropped by the bound; outvoted by the median
+    for result in (bounded, median):
+        assert abs(result["loss"] / clean["loss"] - 1) < 0.01, (result, clean)

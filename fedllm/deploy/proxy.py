@@ -31,8 +31,9 @@ def nginx_binary() -> str:
     return found
 
 
-def certificate_name(cert: Path) -> str:
-    """A name the server certificate is valid for: what nginx checks on the loopback hop."""
+def certificate_name(cert: Path) -> str | None:
+    """A DNS name the server certificate is valid for: what nginx checks on the loopback hop
+    (nginx matches DNS names only, not IP addresses); None when it names none."""
     from cryptography import x509
 
     certificate = x509.load_pem_x509_certificate(Path(cert).read_bytes())
@@ -40,19 +41,20 @@ def certificate_name(cert: Path) -> str:
         names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         names = None
-    if names is not None:
-        for value in [*names.get_values_for_type(x509.IPAddress), *names.get_values_for_type(x509.DNSName)]:
-            return str(value)
-    common = certificate.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    if not common:
-        raise FedllmError(f"{cert} names no host (no subjectAltName or CN)")
-    return str(common[0].value)
+    dns = names.get_values_for_type(x509.DNSName) if names is not None else []
+    return str(dns[0]) if dns else None
 
 
 def nginx_config(*, host: str, port: int, upstream_port: int, cert: Path, key: Path, ca_cert: Path,
                  work: Path) -> str:
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     temp = work / "tmp"
+    name = certificate_name(cert)
+    # The loopback hop: the SuperLink's certificate is verified against the CA, and its name when it has a DNS
+    # one (nginx cannot match an IP address); the hop never leaves this machine.
+    verify = (f"proxy_ssl_verify on;\n            proxy_ssl_trusted_certificate {Path(ca_cert).resolve()};\n"
+              f"            proxy_ssl_name {name};\n            proxy_ssl_server_name on;") if name else \
+        "proxy_ssl_verify off;"
     return f"""# Written by fedllm server: only the Fleet API faces the network.
 worker_processes 1;
 pid {work}/nginx.pid;
@@ -76,10 +78,7 @@ http {{
             limit_except POST {{ deny all; }}
             proxy_pass https://127.0.0.1:{upstream_port};
             proxy_http_version 1.1;
-            proxy_ssl_verify on;
-            proxy_ssl_trusted_certificate {Path(ca_cert).resolve()};
-            proxy_ssl_name {certificate_name(cert)};
-            proxy_ssl_server_name on;
+            {verify}
             proxy_request_buffering off;
             proxy_buffering off;
             proxy_read_timeout 300s;

@@ -445,6 +445,7 @@ class Rounds:
 
     def run_all(self) -> dict[str, Any]:
         config, started = self.config, time.time()
+        done, strategy = self.resume(make_strategy(config))  # first: a run that cannot resume waits for nobody
         self.run.write_config(config)
         clients = discover(self.grid, self._config_record(0), config.num_clients, config.round_timeout, self.infos)
         if not clients:
@@ -455,7 +456,6 @@ class Rounds:
         self.node_client = {node: client for client, node in clients.items()}
         if config.user_dp.enabled:
             self.user_level = UserLevel.for_run(config, len(clients))
-        done, strategy = self.resume(make_strategy(config))
         poisson = self.user_level is not None and self.user_level.sampling == "poisson"
         sampler = ClientSampler(clients, self.sampling_seed if poisson else config.seed)
 

@@ -275,3 +275,11 @@ def test_hostile_evaluate_replies_never_crash_the_summary(rounds):
     from fedllm.plots import format_summary
 
     assert "held-out perplexity" in format_summary(summary)  # nan, not a crash
+
+
+def test_a_ledger_that_starts_over_is_flagged(rounds):
+    r = rounds
+    first = dict(r.test_reports[2])
+    r.record_privacy("client-2", first)
+    r.record_privacy("client-2", {**first, "genesis": "f" * 64})
+    assert r.privacy_summary()["restarted_ledgers"] == {"client-2": ["f" * 64]}

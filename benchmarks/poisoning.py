@@ -16,6 +16,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runs = [
             run("clean, fedavg", {}, Path(tmp) / "clean", poisoned=False),
+            run("poisoned, fedavg, no defence", {"validation.max-delta-norm": "none"}, Path(tmp) / "none",
+                poisoned=True),
             run("poisoned, fedavg + max-delta-norm=auto", {"validation.max-delta-norm": "auto"},
                 Path(tmp) / "auto", poisoned=True),
             run("poisoned, fedmedian (no norm bound)", {"strategy.name": "fedmedian",

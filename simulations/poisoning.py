@@ -36,7 +36,7 @@ app.query()(real.query)
 def held_out_loss(run_dir: Path) -> float:
     import json
 
-    return float(json.loads((run_dir / "summary.json").read_text())["global"]["loss"])
+    return float(json.loads((run_dir / "summary.json").read_text())["global"].get("loss", float("nan")))
 
 
 def run(name: str, overrides: dict[str, Any], run_dir: Path, poisoned: bool) -> dict[str, Any]:

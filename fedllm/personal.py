@@ -15,7 +15,6 @@ steps run privately. Only `fedllm.model`'s "default" adapter is ever sent anywhe
 from __future__ import annotations
 
 import contextlib
-import io
 from pathlib import Path
 
 import torch

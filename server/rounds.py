@@ -7,7 +7,6 @@ strategy's `configure_train` / `aggregate_train` itself, one round at a time.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -50,9 +49,6 @@ PERSONAL_EVAL_METRICS = (EVAL_METRICS | {f"{who}-{m}" for who in ("personal", "l
 def _float32(arrays: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=np.float32)) for k, v in arrays.items()})
 
-
-def _upload_bytes(msg: Message) -> int:
-    return sum(a.numpy().nbytes for record in msg.content.array_records.values() for a in record.values())
 
 
 def _to_state(arrays: ArrayRecord):

@@ -1,13 +1,15 @@
 """Flower strategies over adapter *deltas*.
 
 Clients send deltas (local minus global). Flower's strategies aggregate *weights*, so
-each accepted delta is turned back into `global + delta` before the strategy sees it;
-FedAvg, FedAdam and FedProx then behave exactly as Flower defines them.
+each accepted (validated) delta is turned back into `global + delta` before the strategy
+sees it; every strategy, the robust ones included, then behaves exactly as Flower defines
+it (a coordinate-wise median of `global + delta` is `global +` the median of the deltas).
 """
 
 from __future__ import annotations
 
-from flwr.app import Array, ArrayRecord, Message, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import (Bulyan, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx,
                                      FedTrimmedAvg, FedYogi, Krum, MultiKrum, Strategy)
 
@@ -50,19 +52,7 @@ def make_strategy(config: Config) -> Strategy:
 
 def weights_message(global_arrays: ArrayRecord, delta, weight: float) -> Message:
     """A checked delta as the reply a Flower strategy aggregates: `global + delta`, weighted."""
-    import numpy as np
-    from flwr.app import MessageType, MetricRecord
-
     weights = ArrayRecord({k: Array(global_arrays[k].numpy() + np.asarray(delta[k], np.float32))
                            for k in global_arrays.keys()})
     return Message(RecordDict({"arrays": weights, "metrics": MetricRecord({"num-examples": weight})}),
                    dst_node_id=0, message_type=MessageType.TRAIN)
-
-
-def as_weights(msg: Message, global_arrays: ArrayRecord) -> Message:
-    """Replace a validated reply's delta by `global + delta`, keeping its metrics."""
-    delta = next(iter(msg.content.array_records.values()))
-    weights = ArrayRecord({k: Array(global_arrays[k].numpy() + delta[k].numpy()) for k in global_arrays.keys()})
-    metrics = next(iter(msg.content.metric_records.values()))
-    msg.content = RecordDict({"arrays": weights, "metrics": metrics})
-    return msg

@@ -32,7 +32,7 @@ def saved(tiny_llama, tmp_path):
     """A run directory after round 1 of a FedAdam run (so there is strategy state to save)."""
     import numpy as np
 
-    from flwr.app import ArrayRecord, Array, ConfigRecord
+    from flwr.app import ConfigRecord
     from server.strategies import weights_message
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0

@@ -7,7 +7,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedllm.config import Config
 from server.rounds import _float32
-from server.strategies import as_weights, make_strategy
+from server.strategies import make_strategy, weights_message
 from server.validation import AdapterSpec, check_train_reply
 
 SPEC = AdapterSpec({"a.lora_A.weight": (2, 4), "a.lora_B.weight": (4, 2)})
@@ -72,9 +72,9 @@ def test_deltas_aggregate_to_global_plus_weighted_mean_delta():
     config = Config.from_flat({"num-clients": 10, "clients-per-round": 2})
     strategy = make_strategy(config)
     glob = ArrayRecord({k: Array(np.ones(s, np.float32)) for k, s in SPEC.shapes.items()})
-    r1 = _reply({k: np.full(s, 1.0, np.float32) for k, s in SPEC.shapes.items()}, {"num-examples": 1, "train-loss": 1.0, "steps": 1, "epsilon": 0.0})
-    r2 = _reply({k: np.full(s, 4.0, np.float32) for k, s in SPEC.shapes.items()}, {"num-examples": 3, "train-loss": 1.0, "steps": 1, "epsilon": 0.0})
-    arrays, _ = strategy.aggregate_train(1, [as_weights(r1, glob), as_weights(r2, glob)])
+    r1 = weights_message(glob, {k: np.full(s, 1.0, np.float32) for k, s in SPEC.shapes.items()}, 1)
+    r2 = weights_message(glob, {k: np.full(s, 4.0, np.float32) for k, s in SPEC.shapes.items()}, 3)
+    arrays, _ = strategy.aggregate_train(1, [r1, r2])
     for k in SPEC.shapes:
         np.testing.assert_allclose(arrays[k].numpy(), 1 + (1 * 1 + 3 * 4) / 4)
 
@@ -84,5 +84,5 @@ def test_fedadam_result_stays_float32():
     strategy = make_strategy(config)
     glob = ArrayRecord({k: Array(np.ones(s, np.float32)) for k, s in SPEC.shapes.items()})
     strategy.current_arrays = {k: v.numpy() for k, v in glob.items()}
-    arrays, _ = strategy.aggregate_train(1, [as_weights(_reply(), glob)])
+    arrays, _ = strategy.aggregate_train(1, [weights_message(glob, _good(), 10)])
     assert all(v.dtype == "float32" for v in _float32(arrays).values())

@@ -164,6 +164,9 @@ class PrivacyConfig:
     planned_rounds: int = _key(0, *NON_NEG_INT, doc="participations the noise is calibrated for; 0: auto")
     accountant: str = _key("prv", *_one_of("prv", "rdp"))
     state_dir: str = _key("", None, "a folder path", "client state stores (ledgers); empty: <run-dir>/clients")
+    genesis_registry: str = _key("", None, "a file path",
+                                 "server side: a JSON file of each client's ledger genesis, kept across runs, so a "
+                                 "ledger that starts over is flagged; empty: within this run only")
 
 
 @dataclass(frozen=True)

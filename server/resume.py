@@ -41,7 +41,8 @@ def read_json(path: Path) -> Any:
 
 def config_changes(saved: dict[str, Any], config: Config, accept: bool) -> None:
     """Refuse a restart whose config differs from the one the run started with."""
-    now = config.to_flat()
+    now, defaults = config.to_flat(), Config().to_flat()
+    saved = {**defaults, **saved}  # a key added by a later fedllm counts as its default in an older run
     differ = sorted(k for k in set(saved) | set(now) if k != "run-dir" and saved.get(k) != now.get(k))
     safe = set(SAFE_TO_CHANGE)
     if not config.user_dp.enabled and (not config.privacy.enabled or config.privacy.planned_rounds):

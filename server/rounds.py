@@ -7,6 +7,7 @@ strategy's `configure_train` / `aggregate_train` itself, one round at a time.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -55,6 +56,19 @@ def _to_state(arrays: ArrayRecord):
     return arrays.to_torch_state_dict()
 
 
+def _read_registry(path: Path) -> dict[str, str]:
+    """privacy.genesis-registry: client id -> ledger genesis (sha256 hex), as first seen."""
+    try:
+        registry = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        registry = None
+    if not isinstance(registry, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in registry.items()):
+        raise FedllmError(f"privacy.genesis-registry {path} is not a JSON object of client ids to genesis hashes; "
+                          "restore it from a backup")
+    return registry
+
+
 def delta_norm_np(delta: dict[str, np.ndarray]) -> float:
     return math.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in delta.values()))
 
@@ -91,6 +105,9 @@ class Rounds:
         self.small_cohort_rounds: list[int] = []
         self.genesis: dict[str, str] = {}  # client -> its ledger's genesis hash: a ledger that starts over is flagged
         self.restarted_ledgers: dict[str, list[str]] = {}
+        self.registry = Path(config.privacy.genesis_registry) if config.privacy.genesis_registry else None
+        if self.registry is not None and self.registry.exists():
+            self.genesis = _read_registry(self.registry)
 
     def _config_record(self, server_round: int) -> ConfigRecord:
         return ConfigRecord({**self.config.to_flat(), "server-round": server_round, "run-id": self.run_id})
@@ -401,6 +418,8 @@ class Rounds:
             "upload": self.upload, "sampling_seed": self.sampling_seed,
             "small_cohort_rounds": self.small_cohort_rounds, "genesis": self.genesis})
         atomic.write_json(self.run.path / "checkpoints" / "latest.json", {"round": server_round})
+        if self.registry is not None:
+            atomic.write_json(self.registry, self.genesis)
 
     def resume(self, strategy):
         """(last completed round, strategy) from the run directory; (0, strategy) when new.
@@ -429,7 +448,7 @@ class Rounds:
         self.rejected, self.upload = state["rejected"], state["upload"]
         self.sampling_seed = state.get("sampling_seed", self.sampling_seed)
         self.small_cohort_rounds = state.get("small_cohort_rounds", [])
-        self.genesis = dict(state.get("genesis", {}))
+        self.genesis = {**self.genesis, **dict(state.get("genesis", {}))}
         for report in sorted((self.run.path / "privacy" / "clients").glob("*.json")):
             data = read_json(report)
             if not isinstance(data, dict) or not isinstance(data.get("client_id"), str):

@@ -283,3 +283,18 @@ def test_a_ledger_that_starts_over_is_flagged(rounds):
     r.record_privacy("client-2", first)
     r.record_privacy("client-2", {**first, "genesis": "f" * 64})
     assert r.privacy_summary()["restarted_ledgers"] == {"client-2": ["f" * 64]}
+
+
+def test_the_genesis_registry_flags_a_ledger_that_started_over_in_an_earlier_run(rounds, tmp_path):
+    registry = tmp_path / "genesis.json"
+    registry.write_text(json.dumps({"client-3": "a" * 64}))
+    r = Rounds(FakeGrid(), rounds.config.with_values({"privacy.genesis-registry": str(registry)}), tmp_path / "run")
+    r.record_privacy("client-3", rounds.test_reports[3])
+    assert list(r.restarted_ledgers) == ["client-3"]
+    r.save_server_state(0, make_strategy(r.config))
+    assert json.loads(registry.read_text()) == {"client-3": rounds.test_reports[3]["genesis"]}
+    registry.write_text("[1, 2]")
+    from fedllm.errors import FedllmError
+
+    with pytest.raises(FedllmError, match="genesis-registry"):
+        Rounds(FakeGrid(), r.config, tmp_path / "run2")

@@ -50,7 +50,18 @@ class FakeGrid:
         for msg in messages:
             for content in self.replies.get(msg.metadata.dst_node_id, []):
                 out.append(Message(content, reply_to=msg))
-        return out + self.extra
+        return [_over_the_wire(m) for m in out + self.extra]
+
+
+def _over_the_wire(msg: Message) -> Message:
+    """Through Flower's protobuf serialisation and back, bytes included, as a SuperLink relays it."""
+    from flwr.common.serde import message_from_proto, message_to_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+
+    wire = message_to_proto(msg).SerializeToString()
+    back = ProtoMessage()
+    back.ParseFromString(wire)
+    return message_from_proto(back)
 
 
 @pytest.fixture(scope="module")

@@ -55,10 +55,12 @@ def check_before_start(config: Config) -> None:
             )
 
 
-def simulate(config: Config, run_dir: Path, client_app=None) -> dict[str, Any]:
+def simulate(config: Config, run_dir: Path, client_app=None, server_config: Config | None = None) -> dict[str, Any]:
     """Run the whole simulation; returns summary.json's content.
 
     `client_app` defaults to fedllm's ClientApp; tests pass a misbehaving one.
+    `server_config` (tests) makes the server ask for something other than the devices'
+    own config, as a hostile server would.
     """
     from flwr.simulation import run_simulation
 
@@ -78,7 +80,7 @@ def simulate(config: Config, run_dir: Path, client_app=None) -> dict[str, Any]:
     error = Path(run_dir) / "server-error.txt"  # server.rounds.SERVER_ERROR: why the server stopped
     try:
         run_simulation(
-            server_app=make_server_app(config, run_dir),
+            server_app=make_server_app(server_config or config, run_dir),
             client_app=client_app,
             num_supernodes=config.num_clients,
             backend_config=backend_config(config),

@@ -163,3 +163,21 @@ def test_charge_must_equal_what_ran():
             private.check_charged(2.0, 0.25, 0, 1.0)
     finally:
         private.close()
+
+
+def test_simulated_devices_refuse_a_server_asking_for_more(tmp_path, cache_dir):
+    """On Flower's simulation engine: the server asks for target 9 and twice the batch size;
+    every device (the run's config: target 8) refuses before charging; no ledger exists."""
+    from simulations.runner import load_experiment, simulate
+
+    devices = load_experiment(TINY, {"num-server-rounds": 1})
+    server = devices.with_values({"privacy.target-epsilon": 9.0, "train.batch-size": 16})
+    summary = simulate(devices, tmp_path / "run", server_config=server)
+    rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    declined = rounds[1]["train"]["declined"]
+    assert len(declined) == 3 and not rounds[1]["train"]["clients"]
+    for d in declined:
+        assert "refused: privacy.target-epsilon=9 exceeds this device's maximum 8" in d["reason"]
+        assert "train.batch-size=16" in d["reason"]
+    assert summary["privacy"]["declines"] == 3
+    assert not list((tmp_path / "run" / "clients").glob("*/ledger.json"))

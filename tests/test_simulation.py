@@ -1,12 +1,53 @@
 """End-to-end runs on Flower's simulation engine with a tiny configuration."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from conftest import TINY
 from fedllm.cli import main
 from fedllm.config import Config
+
+GOLDEN = Path(__file__).parent / "golden"
+RECORD = os.environ.get("FEDLLM_RECORD_GOLDEN") == "1"  # re-record only for an intended change of behaviour
+
+
+def _golden_adapter(path: Path) -> None:
+    """The fixed-seed tiny run's final global adapter equals the recorded one."""
+    import torch
+
+    from fedllm.personal import load_state, save_state
+
+    golden = GOLDEN / "tiny-nodp-round-2.safetensors"
+    if RECORD:
+        save_state(golden, load_state(path))
+    expected, actual = load_state(golden), load_state(path)
+    assert set(expected) == set(actual)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6)
+
+
+def _golden_reports(run_dir: Path) -> None:
+    """The DP run's epsilon reports (mechanism, charges, epsilon) equal the recorded ones."""
+    fields = ("num_records", "noise_multiplier", "sample_rate", "planned_steps", "epsilon", "delta")
+    reports = {}
+    for path in sorted((run_dir / "privacy" / "clients").glob("*.json")):
+        report = json.loads(path.read_text())
+        reports[report["client_id"]] = {**{f: report[f] for f in fields},
+                                        "charges": [(e["round"], e["steps"], e["kind"]) for e in report["history"]]}
+    golden = GOLDEN / "tiny-dp-reports.json"
+    if RECORD:
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(json.dumps(reports, indent=1, sort_keys=True) + "\n")
+    expected = json.loads(golden.read_text())
+    assert set(reports) == set(expected)
+    for client, report in reports.items():
+        want = expected[client]
+        assert [list(c) for c in report["charges"]] == want["charges"], client
+        for field in fields:
+            assert report[field] == pytest.approx(want[field], rel=1e-9), (client, field)
 
 
 def test_simulate_end_to_end(tmp_path, cache_dir, capsys):
@@ -29,6 +70,7 @@ def test_simulate_end_to_end(tmp_path, cache_dir, capsys):
     assert summary["rounds"] == 2 and summary["num_clients"] == 6
     assert summary["global"]["perplexity"] < summary["base"]["perplexity"]
     assert summary["upload_bytes_per_client_round"] <= 0.02 * summary["base_model_bytes"]
+    _golden_adapter(run_dir / "checkpoints" / "round-2" / "global.safetensors")
 
     # The last checkpoint reproduces the held-out loss the run reported for it.
     from peft import PeftModel
@@ -80,6 +122,7 @@ def test_private_run_reports_recomputable_epsilons_and_clients_decline(tmp_path,
     summary = simulate(config, run_dir)
     assert summary["rounds"] == 3 and (run_dir / "checkpoints" / "round-3").is_dir()
 
+    _golden_reports(run_dir)
     privacy = json.loads((run_dir / "privacy" / "summary.json").read_text())
     assert privacy["clients_reporting"] == 6 and privacy["over_target"] == []
     assert privacy["declines"] == 6 and all(rounds == [3] for rounds in privacy["declined"].values())

@@ -91,8 +91,7 @@ def device_config(request: Mapping[str, Any], local: Mapping[str, Any]) -> Confi
     return Config.from_flat(values)
 
 
-def refusal(policy: DevicePolicy, request: Config, ledger=None, num_records: int | None = None,
-            secure: bool | None = None) -> str:
+def refusal(policy: DevicePolicy, request: Config, ledger=None, num_records: int | None = None) -> str:
     """Why this device refuses `request` ("" when it accepts). Checked before any charge.
 
     `ledger` is the device's existing ledger (None before its first private round): its
@@ -105,8 +104,6 @@ def refusal(policy: DevicePolicy, request: Config, ledger=None, num_records: int
         why.append("privacy.enabled=false: this device trains only with DP-SGD")
     if policy.require_secagg and not request.secagg.enabled:
         why.append("secagg.enabled=false: this device uploads only under secure aggregation")
-    if secure is False and request.secagg.enabled:
-        why.append("secagg.enabled=true but the message is a plain round: the update would leave unmasked")
     if policy.require_user_dp and not request.user_dp.enabled:
         why.append("user-dp.enabled=false: this device requires user-level DP")
     if p.enabled:

@@ -75,10 +75,6 @@ class DevicePolicy:
                    max_delta=number("max-delta", 1e-5), require_secagg=bool(node.get("require-secagg", False)),
                    require_user_dp=bool(node.get("require-user-dp", False)))
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"require_dp": self.require_dp, "max_epsilon": self.max_epsilon, "max_delta": self.max_delta,
-                "require_secagg": self.require_secagg, "require_user_dp": self.require_user_dp}
-
 
 def device_config(request: Mapping[str, Any], local: Mapping[str, Any]) -> Config:
     """The config a device acts on: the server's request over the defaults, with every

@@ -85,44 +85,32 @@ class Update:
     declined: str = ""
 
 
-def existing_ledger(config: Config, data: ClientData):
-    """The client's ledger if it has one (None before its first private round); never creates one."""
-    from fedllm.privacy.ledger import Ledger
+def ledger_path(config: Config, data: ClientData) -> Path:
     from fedllm.state import StateStore, state_root
 
-    path = StateStore(state_root(config), data.client_id).ledger_path
-    if not path.exists():
-        return None
-    ledger = Ledger.load(path)
-    if ledger.client_id != data.client_id:
-        from fedllm.privacy.ledger import LedgerError
-
-        raise LedgerError(f"{path} belongs to client {ledger.client_id}, not {data.client_id}")
-    return ledger
+    return StateStore(state_root(config), data.client_id).ledger_path
 
 
-def refused(config: Config, data: ClientData, policy) -> tuple[str, dict | None]:
-    """(why this device refuses the request, or "", and its unchanged report if it has a ledger).
-    Nothing is charged, trained or written here."""
+def refused(config: Config, data: ClientData, policy):
+    """(why this device refuses the request, or "", its unchanged report when refused, its
+    existing ledger or None). Nothing is charged, trained or written here."""
+    from fedllm.privacy.ledger import Ledger
     from fedllm.privacy.policy import refusal
     from fedllm.privacy.report import client_report
 
-    ledger = existing_ledger(config, data) if config.privacy.enabled else None
+    ledger = Ledger.existing(ledger_path(config, data), data.client_id) if config.privacy.enabled else None
     why = refusal(policy, config, ledger, data.num_records)
-    if why and ledger is not None:
-        return why, client_report(ledger, declined=why)
-    return why, None
+    return why, client_report(ledger, declined=why) if why and ledger is not None else None, ledger
 
 
 def open_ledger(config: Config, data: ClientData):
     from fedllm.config import planned_steps
     from fedllm.privacy.engine import poisson_sample_rate
     from fedllm.privacy.ledger import Ledger
-    from fedllm.state import StateStore, state_root
 
     p = config.privacy
     return Ledger.open(
-        StateStore(state_root(config), data.client_id).ledger_path, client_id=data.client_id,
+        ledger_path(config, data), client_id=data.client_id,
         num_records=data.num_records, delta=p.delta, target_epsilon=p.target_epsilon,
         sample_rate=poisson_sample_rate(data.num_records, config.train.batch_size),
         max_grad_norm=p.max_grad_norm, planned_steps=planned_steps(config),
@@ -176,14 +164,15 @@ def train_client(config: Config, partition_id: int, global_state: dict[str, torc
     from fedllm.privacy.report import client_report
 
     data = client_data(config, partition_id)
-    why, report = refused(config, data, policy or DevicePolicy.from_config(config))
+    why, report, ledger = refused(config, data, policy or DevicePolicy.from_config(config))
     if why:
         return Update(data, None, None, report, declined=why)
     worker = worker_for(config)
     train_examples, _ = examples_for(worker, data, config.model.max_length)
     load_adapter_state(worker.model, global_state)
 
-    ledger = open_ledger(config, data) if config.privacy.enabled else None
+    if config.privacy.enabled and ledger is None:  # the first private round: calibrate and create it
+        ledger = open_ledger(config, data)
     if ledger is not None:
         declined = _charge_or_decline(ledger, [ledger.next_charge(server_round, config.local_steps, run=run_id)],
                                       config.privacy.target_epsilon)
@@ -226,11 +215,12 @@ def personalise_client(config: Config, partition_id: int, global_state: dict[str
         global_metrics = evaluate(worker.model, heldout, batch, pad)
     from fedllm.privacy.policy import DevicePolicy
 
-    why, report = refused(config, data, policy or DevicePolicy.from_config(config))
+    why, report, ledger = refused(config, data, policy or DevicePolicy.from_config(config))
     if why:  # the device keeps the global adapter and charges nothing
         return ({**metrics("personal", global_metrics), **metrics("local", global_metrics),
                  "personal-declined": 1.0}, report)
-    ledger = open_ledger(config, data) if config.privacy.enabled else None
+    if config.privacy.enabled and ledger is None:
+        ledger = open_ledger(config, data)
     if ledger is not None:
         declined = _charge_or_decline(ledger, [ledger.next_charge(server_round, p.steps, "personal", run_id),
                                                ledger.next_charge(server_round, p.steps, "local-only", run_id)],

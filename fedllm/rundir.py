@@ -50,6 +50,15 @@ class RunDir:
     def checkpoint(self, server_round: int) -> Path:
         return self.path / "checkpoints" / f"round-{server_round}"
 
+    @property
+    def error_file(self) -> Path:
+        """server-error.txt: why the server stopped, for whoever started it (one line, no traceback)."""
+        return self.path / "server-error.txt"
+
+    def server_error(self) -> str:
+        """The reason the server stopped on an error, or "" (the file is the server's, one line)."""
+        return self.error_file.read_text(errors="replace").strip()[:2000] if self.error_file.exists() else ""
+
     def write_config(self, config: Config) -> None:
         atomic.write_json(self.path / "config.json", config.to_flat())
 

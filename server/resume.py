@@ -132,3 +132,16 @@ def check_server_state(state: Any, path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in fields.items()):
         raise _corrupt(path, "lacks a field of " + ", ".join(fields) + " or has one of the wrong type")
     return state
+
+
+def read_genesis_registry(path: Path) -> dict[str, str]:
+    """privacy.genesis-registry: client id -> ledger genesis (sha256 hex), as first seen."""
+    try:
+        registry = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        registry = None
+    if not isinstance(registry, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in registry.items()):
+        raise FedllmError(f"privacy.genesis-registry {path} is not a JSON object of client ids to genesis hashes; "
+                          "restore it from a backup")
+    return registry

@@ -7,7 +7,6 @@ strategy's `configure_train` / `aggregate_train` itself, one round at a time.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -31,15 +30,17 @@ from fedllm.model import adapter_state, attach_lora, base_model_bytes, load_base
 from fedllm.personal import load_state, save_state
 from fedllm.plots import finish, format_summary
 from fedllm.privacy.report import summarize
+from fedllm.privacy.user_level import UserLevel
 from fedllm.rundir import RunDir
 from fedllm.state import safe_name
-from fedllm.privacy.user_level import UserLevel
+from fedllm.untrusted import MAX_TEXT, say
+from server.resume import (check_server_state, config_changes, load_strategy, read_genesis_registry, read_json,
+                           save_strategy)
 from server.sampling import ClientSampler, NodeInfo, SampledGrid, discover
-from server.resume import check_server_state, config_changes, load_strategy, read_json, save_strategy
 from server.secure import quantization, secure_round
 from server.strategies import make_strategy, weights_message
-from server.validation import (MAX_REASON, AdapterSpec, Expect, Verdict, check_evaluate_reply, check_secure_metrics,
-                               check_train_reply, say)
+from server.validation import (AdapterSpec, Expect, Verdict, check_evaluate_reply, check_secure_metrics,
+                               check_train_reply)
 
 log = logging.getLogger("fedllm.server")
 EVAL_METRICS = frozenset({"num-examples", *METRICS})
@@ -54,19 +55,6 @@ def _float32(arrays: ArrayRecord) -> ArrayRecord:
 
 def _to_state(arrays: ArrayRecord):
     return arrays.to_torch_state_dict()
-
-
-def _read_registry(path: Path) -> dict[str, str]:
-    """privacy.genesis-registry: client id -> ledger genesis (sha256 hex), as first seen."""
-    try:
-        registry = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        registry = None
-    if not isinstance(registry, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in registry.items()):
-        raise FedllmError(f"privacy.genesis-registry {path} is not a JSON object of client ids to genesis hashes; "
-                          "restore it from a backup")
-    return registry
 
 
 def delta_norm_np(delta: dict[str, np.ndarray]) -> float:
@@ -107,7 +95,7 @@ class Rounds:
         self.restarted_ledgers: dict[str, list[str]] = {}
         self.registry = Path(config.privacy.genesis_registry) if config.privacy.genesis_registry else None
         if self.registry is not None and self.registry.exists():
-            self.genesis = _read_registry(self.registry)
+            self.genesis = read_genesis_registry(self.registry)
 
     def _config_record(self, server_round: int) -> ConfigRecord:
         return ConfigRecord({**self.config.to_flat(), "server-round": server_round, "run-id": self.run_id})
@@ -181,7 +169,7 @@ class Rounds:
             self.record_privacy(client, verdict.report)
         if verdict.declined:
             log.info("round %d: client %s %s", server_round, say(client), say(verdict.declined, 300))
-            declined.append({"client_id": client, "reason": verdict.declined[:MAX_REASON]})
+            declined.append({"client_id": client, "reason": verdict.declined[:MAX_TEXT]})
             self.declined.setdefault(client, []).append(server_round)
 
     def _screen(self, replies, nodes: list[int], check) -> list[tuple[int, str, Verdict]]:
@@ -546,15 +534,12 @@ class Rounds:
         }
 
 
-SERVER_ERROR = "server-error.txt"  # why the server stopped, for whoever started it (one line, no traceback)
-
-
 def run_server(grid: Grid, config: Config, run_dir: Path) -> dict[str, Any]:
-    (Path(run_dir) / SERVER_ERROR).unlink(missing_ok=True)
+    RunDir(run_dir).error_file.unlink(missing_ok=True)
     try:
         summary = Rounds(grid, config, run_dir).run_all()
     except FedllmError as exc:
-        atomic.write_bytes(Path(run_dir) / SERVER_ERROR, f"{exc}\n".encode())
+        atomic.write_bytes(RunDir(run_dir).error_file, f"{exc}\n".encode())
         log.error("%s", exc)
         raise
     finish(run_dir, format_summary(summary))  # summary.txt and plots, as in every run directory

@@ -52,7 +52,8 @@ class NodeInfo:
 
 def _declared(reply: Message) -> NodeInfo | str:
     """The node's declaration, or why it is unusable (checked as any client input)."""
-    from server.validation import MAX_CLIENT_ID, check_metrics, say
+    from fedllm.untrusted import say
+    from server.validation import MAX_CLIENT_ID, check_metrics
 
     try:
         if set(reply.content.config_records) != {"client"} or set(reply.content.metric_records) != {"metrics"}:

@@ -11,7 +11,6 @@ total: an unexpected shape of anything is a rejection, never an exception.
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,21 +19,14 @@ from typing import Any
 import numpy as np
 from flwr.app import Message
 
-TRAIN_METRICS = frozenset({"num-examples", "train-loss", "steps", "epsilon"})
+from fedllm.privacy.report import check_report
+from fedllm.untrusted import MAX_TEXT, number_in, say
+
 TRAIN_RECORDS = frozenset({"arrays", "metrics", "client", "privacy"})
 EVAL_RECORDS = frozenset({"metrics", "client", "privacy"})
 MAX_CLIENT_ID = 128
-MAX_REASON = 2000
-MAX_REPORT_BYTES = 4 << 20
 MAX_LOSS = 1e4  # a per-token cross-entropy this large is no training result
 NPY_HEADER_SLACK = 4096  # np.save's header is < 200 bytes for our shapes
-
-
-def say(value: Any, limit: int = 100) -> str:
-    """A client's string, safe for a log line: escaped and cut."""
-    text = str(value) if isinstance(value, str) else type(value).__name__
-    cut = text[:limit]
-    return ascii(cut)[1:-1] + ("..." if len(text) > limit else "")
 
 
 def error_summary(reason: Any) -> str:
@@ -146,17 +138,9 @@ def decode_delta(arrays: Any, spec: AdapterSpec) -> tuple[dict[str, np.ndarray] 
     return delta, ""
 
 
-def _number(value: Any, lo: float, hi: float, integer: bool = False) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    if integer and not (isinstance(value, int) or float(value).is_integer()):
-        return False
-    return math.isfinite(value) and lo <= value <= hi
-
-
-def _metric_ranges(expect: Expect) -> dict[str, tuple[float, float, bool]]:
-    return {"train-loss": (0.0, MAX_LOSS, False), "steps": (0, 10**7, True), "epsilon": (0.0, 1e4, False),
-            "num-examples": (1, 2**31, True)}
+TRAIN_RANGES: dict[str, tuple[float, float, bool]] = {  # metric: (low, high, integer)
+    "train-loss": (0.0, MAX_LOSS, False), "steps": (0, 10**7, True), "epsilon": (0.0, 1e4, False),
+    "num-examples": (1, 2**31, True)}
 
 
 def check_metrics(metrics: Mapping, ranges: Mapping[str, tuple[float, float, bool]]) -> str:
@@ -165,7 +149,7 @@ def check_metrics(metrics: Mapping, ranges: Mapping[str, tuple[float, float, boo
     if keys != set(ranges):
         return f"metric keys {[say(k, 40) for k in sorted(keys)][:12]}, expected {sorted(ranges)}"
     for key, (lo, hi, integer) in ranges.items():
-        if not _number(metrics[key], lo, hi, integer):
+        if not number_in(metrics[key], lo, hi, integer):
             return f"metric {key}: {say(repr(metrics[key]), 40)} is not {'an integer' if integer else 'a number'} " \
                    f"in [{lo:g}, {hi:g}]"
     return ""
@@ -191,94 +175,18 @@ def _client_record(content, expect: Expect) -> tuple[str, str, str]:
     extra = set(record.keys()) - {"client-id", "declined"}
     if extra:
         return "", "", f"client record has unknown fields {[say(k, 40) for k in sorted(extra)][:3]}"
-    claimed, declined = record.get("client-id", ""), record.get("declined", "")
+    return _client_fields(record.get("client-id", ""), record.get("declined", ""), expect)
+
+
+def _client_fields(claimed: Any, declined: Any, expect: Expect) -> tuple[str, str, str]:
+    """(claimed client id, declined reason, why they are bad): bounded strings, the id the node's."""
     if not isinstance(claimed, str) or not 0 < len(claimed) <= MAX_CLIENT_ID:
         return "", "", f"client id {say(claimed)} is not a string of 1..{MAX_CLIENT_ID} characters"
     if expect.client_id and claimed != expect.client_id:
         return claimed, "", f"reply claims client id {say(claimed)}, but node holds {say(expect.client_id)}"
-    if not isinstance(declined, str) or len(declined) > MAX_REASON:
-        return claimed, "", "declined reason is not a string of at most 2000 characters"
+    if not isinstance(declined, str) or len(declined) > MAX_TEXT:
+        return claimed, "", f"declined reason is not a string of at most {MAX_TEXT} characters"
     return claimed, declined, ""
-
-
-REPORT_FIELDS: dict[str, tuple] = {
-    # field: (type, range or allowed values)
-    "client_id": (str,), "epsilon": (float, 0.0, 1e4), "target_epsilon": (float, 0.0, 100.0),
-    "delta": (float, 0.0, 1.0), "noise_multiplier": (float, 0.0, 1e6), "sample_rate": (float, 0.0, 1.0),
-    "max_grad_norm": (float, 0.0, 1e6), "planned_steps": (int, 0, 10**9), "num_records": (int, 1, 2**31),
-    "accountant": (str, ("prv", "rdp")), "sampling": (str, ("poisson",)), "secure_rng": (bool,),
-    "ledger_version": (int, 2, 2), "history": (list,), "genesis": (str,), "head": (str,), "versions": (dict,),
-    "privacy_unit": (str,), "mechanism": (str,), "covers": (str,), "declined": (str,),
-}
-OPTIONAL_REPORT_FIELDS: dict[str, tuple] = {"target_epsilon_applied": (float, 0.0, 100.0)}
-ENTRY_FIELDS: dict[str, tuple] = {
-    "round": (int, 0, 10**9), "noise_multiplier": (float, 0.0, 1e6), "sample_rate": (float, 0.0, 1.0),
-    "steps": (int, 0, 10**9), "kind": (str, ("train", "personal", "local-only")), "run": (str,),
-    "prev_hash": (str,), "hash": (str,),
-}
-MAX_HISTORY = 100_000
-
-
-def _field_ok(value: Any, spec: tuple) -> bool:
-    kind = spec[0]
-    if kind is float:
-        return _number(value, spec[1], spec[2])
-    if kind is int:
-        return _number(value, spec[1], spec[2], integer=True)
-    if kind is bool:
-        return isinstance(value, bool)
-    if not isinstance(value, kind):
-        return False
-    if kind is str:
-        return len(value) <= MAX_REASON and (len(spec) == 1 or value in spec[1])
-    return True
-
-
-def check_report(text: Any, client_id: str) -> tuple[dict[str, Any] | None, str]:
-    """(the report, "") when `text` is a well-formed epsilon report of `client_id` whose
-    hash chain holds, else (None, why)."""
-    from fedllm.privacy import chain
-
-    if not isinstance(text, str) or len(text) > MAX_REPORT_BYTES:
-        return None, "epsilon report is not a JSON string of at most 4 MiB"
-
-    def no_constants(name: str):
-        raise ValueError(f"{name} is not JSON")
-
-    try:
-        report = json.loads(text, parse_constant=no_constants)
-    except (ValueError, RecursionError):
-        return None, "epsilon report is not valid JSON"
-    if not isinstance(report, dict):
-        return None, "epsilon report is not a JSON object"
-    unknown = set(report) - set(REPORT_FIELDS) - set(OPTIONAL_REPORT_FIELDS)
-    if unknown:
-        return None, f"epsilon report has unknown fields {[say(k, 40) for k in sorted(unknown)][:3]}"
-    for name, spec in REPORT_FIELDS.items():
-        if name not in report or not _field_ok(report[name], spec):
-            return None, f"epsilon report field {name}: missing or not {spec[0].__name__} in range"
-    for name, spec in OPTIONAL_REPORT_FIELDS.items():
-        if name in report and not _field_ok(report[name], spec):
-            return None, f"epsilon report field {name}: not {spec[0].__name__} in range"
-    if report["client_id"] != client_id:
-        return None, f"epsilon report is for client {say(report['client_id'])}, not {say(client_id)}"
-    if not 0 < report["delta"] < 1 or not 0 < report["sample_rate"] <= 1 or report["target_epsilon"] <= 0:
-        return None, "epsilon report: delta, sample_rate or target_epsilon out of range"
-    history = report["history"]
-    if len(history) > MAX_HISTORY:
-        return None, f"epsilon report history has over {MAX_HISTORY} entries"
-    for i, entry in enumerate(history):
-        if not isinstance(entry, dict) or set(entry) != set(ENTRY_FIELDS):
-            return None, f"epsilon report history[{i}]: not an entry with fields {sorted(ENTRY_FIELDS)}"
-        bad = [n for n, spec in ENTRY_FIELDS.items() if not _field_ok(entry[n], spec)]
-        if bad:
-            return None, f"epsilon report history[{i}]: bad {bad[:3]}"
-    if not all(isinstance(v, str) and isinstance(k, str) and len(v) < 200 for k, v in report["versions"].items()):
-        return None, "epsilon report versions: expected names and version strings"
-    broken = chain.problems(report)
-    if broken:
-        return None, f"epsilon report fails its hash chain ({broken[0][0]}: {broken[0][1][:80]})"
-    return report, ""
 
 
 def _privacy_record(content) -> tuple[Any, str]:
@@ -315,24 +223,28 @@ def check_train_reply(msg: Message, spec: AdapterSpec, expect: Expect | None = N
         return Verdict(reason=f"malformed reply ({type(exc).__name__})")
 
 
-def _check_train(msg: Message, spec: AdapterSpec, expect: Expect) -> Verdict:
+def _envelope(msg: Message, records: frozenset[str], expect: Expect) -> tuple[Any, str, dict | None, str]:
+    """What every reply carries around its payload: (content, declined reason, epsilon
+    report or None, why the reply is bad)."""
     if msg.has_error():
-        return Verdict(reason=f"client error: {error_summary(msg.error.reason)}")
+        return None, "", None, f"client error: {error_summary(msg.error.reason)}"
     content = msg.content
-    why = _records_ok(content, TRAIN_RECORDS)
+    why = _records_ok(content, records)
     if why:
-        return Verdict(reason=why)
+        return None, "", None, why
     claimed, declined, why = _client_record(content, expect)
+    if not why:
+        text, why = _privacy_record(content)
+        if not why and text is not None:
+            report, why = check_report(text, expect.client_id or claimed)
+            return content, declined, report, why
+    return content, declined, None, why
+
+
+def _check_train(msg: Message, spec: AdapterSpec, expect: Expect) -> Verdict:
+    content, declined, report, why = _envelope(msg, TRAIN_RECORDS, expect)
     if why:
         return Verdict(reason=why)
-    text, why = _privacy_record(content)
-    if why:
-        return Verdict(reason=why)
-    report = None
-    if text is not None:
-        report, why = check_report(text, expect.client_id or claimed)
-        if why:
-            return Verdict(reason=why)
     if declined:
         if "arrays" in content.array_records:
             return Verdict(reason="a declined reply carries an update")
@@ -344,7 +256,7 @@ def _check_train(msg: Message, spec: AdapterSpec, expect: Expect) -> Verdict:
     delta, why = decode_delta(content.array_records["arrays"], spec)
     if delta is None:
         return Verdict(reason=why)
-    values, why = _declared_metrics(content.metric_records["metrics"], _metric_ranges(expect), expect.num_records,
+    values, why = _declared_metrics(content.metric_records["metrics"], TRAIN_RANGES, expect.num_records,
                                     "records")
     if why:
         return Verdict(reason=why)
@@ -383,25 +295,13 @@ def eval_ranges(metric_keys: frozenset[str]) -> dict[str, tuple[float, float, bo
 
 
 def _check_evaluate(msg: Message, metric_keys: frozenset[str], expect: Expect) -> Verdict:
-    if msg.has_error():
-        return Verdict(reason=f"client error: {error_summary(msg.error.reason)}")
-    content = msg.content
-    why = _records_ok(content, EVAL_RECORDS)
-    if why:
-        return Verdict(reason=why)
-    claimed, declined, why = _client_record(content, expect)
+    content, declined, report, why = _envelope(msg, EVAL_RECORDS, expect)
     if why or declined:
         return Verdict(reason=why or "an evaluation reply cannot decline")
     if "metrics" not in content.metric_records:
         return Verdict(reason="no metrics")
     values, why = _declared_metrics(content.metric_records["metrics"], eval_ranges(metric_keys), expect.num_heldout,
                                     "held-out records")
-    if why:
-        return Verdict(reason=why)
-    text, why = _privacy_record(content)
-    report = None
-    if not why and text is not None:
-        report, why = check_report(text, expect.client_id or claimed)
     if why:
         return Verdict(reason=why)
     return Verdict(metrics=values, report=report)
@@ -412,33 +312,20 @@ def check_secure_metrics(metrics: dict, expect: Expect | None = None) -> tuple[d
     not the server, vouches for their shape): (report, declined, why they are bad)."""
     try:
         expect = expect or Expect()
-        claimed = metrics.get("client-id", "")
-        if not isinstance(claimed, str) or not 0 < len(claimed) <= MAX_CLIENT_ID:
-            return None, "", f"client id {say(claimed)} is not a string of 1..{MAX_CLIENT_ID} characters"
-        if expect.client_id and claimed != expect.client_id:
-            return None, "", f"reply claims client id {say(claimed)}, but node holds {say(expect.client_id)}"
-        declined = metrics.get("declined", "")
-        if not isinstance(declined, str) or len(declined) > MAX_REASON:
-            return None, "", "declined reason is not a string of at most 2000 characters"
+        claimed, declined, why = _client_fields(metrics.get("client-id", ""), metrics.get("declined", ""), expect)
+        if why:
+            return None, "", why
         report = None
         if "report" in metrics:
             report, why = check_report(metrics["report"], expect.client_id or claimed)
             if why:
                 return None, declined, why
         if not declined:
-            ranges = _metric_ranges(expect)
             for key in ("train-loss", "steps"):
-                lo, hi, integer = ranges[key]
-                if not _number(metrics.get(key), lo, hi, integer):
+                lo, hi, integer = TRAIN_RANGES[key]
+                if not number_in(metrics.get(key), lo, hi, integer):
                     return report, "", f"metric {key}: {say(repr(metrics.get(key)), 40)} is not a number in range"
         return report, declined, ""
     except Exception as exc:  # noqa: BLE001
         return None, "", f"malformed reply ({type(exc).__name__})"
 
-
-def client_id_of(msg: Message) -> str:
-    try:
-        value = msg.content["client"]["client-id"]
-        return value if isinstance(value, str) and 0 < len(value) <= MAX_CLIENT_ID else "?"
-    except Exception:  # noqa: BLE001 - an error reply or a malformed one has none
-        return "?"

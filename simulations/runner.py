@@ -77,7 +77,7 @@ def simulate(config: Config, run_dir: Path, client_app=None, server_config: Conf
     # Each simulated device's own config (its policy, paths): Ray's workers inherit the environment.
     previous = os.environ.get(LOCAL_CONFIG_ENV)
     os.environ[LOCAL_CONFIG_ENV] = json.dumps(config.with_values({"run-dir": str(run_dir)}).to_flat())
-    error = Path(run_dir) / "server-error.txt"  # server.rounds.SERVER_ERROR: why the server stopped
+    run = RunDir(run_dir)
     try:
         run_simulation(
             server_app=make_server_app(server_config or config, run_dir),
@@ -86,17 +86,16 @@ def simulate(config: Config, run_dir: Path, client_app=None, server_config: Conf
             backend_config=backend_config(config),
         )
     except Exception:
-        if error.exists():
-            raise FedllmError(error.read_text().strip()) from None
+        if run.server_error():
+            raise FedllmError(run.server_error()) from None
         raise
     finally:
         if previous is None:
             os.environ.pop(LOCAL_CONFIG_ENV, None)
         else:
             os.environ[LOCAL_CONFIG_ENV] = previous
-    run = RunDir(run_dir)
-    if error.exists():
-        raise FedllmError(error.read_text().strip())
+    if run.server_error():
+        raise FedllmError(run.server_error())
     if not run.summary_file.exists():
         raise RuntimeError(f"the simulation ended without writing {run.summary_file}; see the log above")
     return run.summary()

@@ -17,6 +17,7 @@ from pathlib import Path
 from fedllm.config import Config
 from fedllm.deploy import processes
 from fedllm.errors import FedllmError
+from fedllm.rundir import RunDir
 
 
 def app_dir() -> Path:
@@ -107,9 +108,9 @@ def serve(config: Config, run_dir: Path, *, ca_cert: Path, cert: Path, key: Path
         done = subprocess.run(["flwr", "run", str(app_dir()), processes.CONNECTION, "--run-config", str(run_config),
                                "--stream"], env=processes.environment(flwr_home))
         summary = run_dir / "summary.json"
-        error = run_dir / "server-error.txt"  # written by the ServerApp when it stops on a FedllmError
-        if error.exists():
-            raise FedllmError(error.read_text().strip())
+        error = RunDir(run_dir).server_error()  # written by the ServerApp when it stops on a FedllmError
+        if error:
+            raise FedllmError(error)
         if not summary.exists():
             raise FedllmError(f"the run ended (flwr run exit status {done.returncode}) without {summary}; "
                               f"see {log} and the output above")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -56,13 +56,13 @@ class Private:
     loader: torch.utils.data.DataLoader
     sample_rate: float
     hooks: object
-    steps_taken: list[int] = field(default_factory=lambda: [0])  # updates the optimizer really applied
+    steps_taken: int = 0  # updates the optimizer really applied (counted by a step hook)
     _step_hook: object = None
 
     def ran(self) -> tuple[float, float, int, float]:
         """(noise multiplier, sample rate, steps, clip) of what actually ran: what the charge must equal."""
         return (float(self.optimizer.noise_multiplier), float(self.loader.batch_sampler.sample_rate),
-                self.steps_taken[0], float(self.optimizer.max_grad_norm))
+                self.steps_taken, float(self.optimizer.max_grad_norm))
 
     def check_charged(self, noise_multiplier: float, sample_rate: float, steps: int, max_grad_norm: float) -> None:
         """The invariant of every report: the ledger charged exactly the mechanism that ran."""
@@ -113,8 +113,8 @@ def make_private(model, optimizer, loader, noise_multiplier: float, max_grad_nor
         hooks.cleanup()  # the model stays usable (a worker reuses it for the next client)
         raise PrivacyError(why)
     private = Private(dp_optimizer, dp_loader, expected, hooks)
-    counter = private.steps_taken
-    private._step_hook = optimizer.register_step_post_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
+    private._step_hook = optimizer.register_step_post_hook(lambda *_: setattr(private, "steps_taken",
+                                                                                private.steps_taken + 1))
     return private
 
 

@@ -63,10 +63,8 @@ class Ledger:
              sample_rate: float, max_grad_norm: float, planned_steps: int, accountant: str) -> "Ledger":
         """Load the client's ledger, or create it (calibrating the noise) on first use."""
         path = Path(path)
-        if path.exists():
-            ledger = cls.load(path)
-            if ledger.client_id != client_id:
-                raise LedgerError(f"{path} belongs to client {ledger.client_id}, not {client_id}")
+        ledger = cls.existing(path, client_id)
+        if ledger is not None:
             return ledger
         if delta >= 1.0 / num_records:
             raise LedgerError(f"privacy.delta={delta} is not below 1/n = {1.0 / num_records:.3g} for client "
@@ -75,6 +73,17 @@ class Ledger:
         ledger = cls(path, client_id, num_records, delta, target_epsilon, sigma, sample_rate, max_grad_norm,
                      planned_steps, accountant)
         ledger.save()
+        return ledger
+
+    @classmethod
+    def existing(cls, path: Path, client_id: str) -> "Ledger | None":
+        """The client's ledger at `path`, or None when it has none yet; never creates one."""
+        path = Path(path)
+        if not path.exists():
+            return None
+        ledger = cls.load(path)
+        if ledger.client_id != client_id:
+            raise LedgerError(f"{path} belongs to client {ledger.client_id}, not {client_id}")
         return ledger
 
     @classmethod

@@ -24,12 +24,13 @@ import time
 
 import torch
 
-from client import runtime
+from fedllm.client_round import client_data
+from fedllm.worker import examples_for, worker_for
 from fedllm.config import parse_assignment
 from fedllm.model import adapter_state, load_adapter_state
 from fedllm.privacy.engine import make_private
 from fedllm.train import loader_for, make_optimizer, train_local
-from simulations.runner import load_experiment
+from fedllm.simulate import load_experiment
 
 
 def time_block(model, batches, optimizer) -> float:
@@ -53,9 +54,9 @@ def main() -> None:
     config = load_experiment(None, dict(parse_assignment(a) for a in args.assignments))
     torch.set_num_threads(1)  # one simulation worker = one CPU
 
-    worker = runtime.worker_for(config)
-    data = runtime.client_data(config, args.client)
-    examples, _ = runtime.examples_for(worker, data, config.model.max_length)
+    worker = worker_for(config)
+    data = client_data(config, args.client)
+    examples, _ = examples_for(worker, data, config.model.max_length)
     model, pad = worker.model, worker.tokenizer.pad_token_id
     start = adapter_state(model)
 

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from fedllm.config import parse_assignment
-from simulations.runner import load_experiment, simulate
+from fedllm.simulate import load_experiment, simulate
 
 
 def run_arm(overrides: dict, secagg: bool, rounds: int) -> tuple[list[float], list[int]]:

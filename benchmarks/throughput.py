@@ -19,26 +19,19 @@ import time
 
 import torch
 
-from client import runtime
+from fedllm import worker
+from fedllm.client_round import Request, train_round
 from fedllm.config import parse_assignment
-from fedllm.data import _eligible
-from fedllm.model import adapter_state, attach_lora, load_base
-from simulations.runner import load_experiment
-
-
-def rebuild_everything() -> None:
-    """Forget every per-process cache, as a client that builds per call would."""
-    runtime._WORKERS.clear()
-    runtime._EXAMPLES.clear()
-    _eligible.cache_clear()
+from fedllm.model import adapter_state, attach_lora, load_base, resolve_base
+from fedllm.simulate import load_experiment
 
 
 def timed_updates(config, partitions, global_state, rebuild: bool) -> float:
     started = time.perf_counter()
     for i, partition in enumerate(partitions):
         if rebuild:
-            rebuild_everything()
-        runtime.train_client(config, partition, global_state, server_round=1 + i)
+            worker.reset()  # every per-process cache, as a client that builds per call would
+        train_round(config, partition, global_state, Request(server_round=1 + i))
     return len(partitions) / (time.perf_counter() - started)
 
 
@@ -53,7 +46,7 @@ def main() -> None:
     config = load_experiment(None, overrides)
     torch.set_num_threads(1)  # one simulation worker = one CPU
 
-    base = runtime.resolve_base(config)
+    base = resolve_base(config)
     model, _ = load_base(base)
     global_state = adapter_state(attach_lora(model, config.lora, config.seed))
     partitions = [i % config.num_clients for i in range(args.updates)]

@@ -1,10 +1,10 @@
-"""The fedllm ClientApp: receive the global adapter, train or evaluate, reply.
+"""The fedllm ClientApp: Flower messages in, `fedllm.client_round` called, records out.
 
-A train reply holds the adapter delta (local minus global), metrics and, under DP, the
-client's epsilon report; nothing else: no text, no tokens, no per-record gradients, no
-non-adapter tensor. A client whose budget would be exceeded declines: no delta at all.
-Under user-level DP the delta is clipped to `user-dp.clip` here, on the device; under
-secure aggregation `client.secure.secagg_mod` masks it before it leaves.
+What a device does is in the library (`fedllm.client_round`, `fedllm.personal_round`);
+this module only reads the request (checked: round, run id, proximal term, the config
+with the device's own local keys and policy) and writes the reply in the wire contract
+(`fedllm.messages`): the delta, metrics and, under DP, the epsilon report; nothing else.
+Under secure aggregation `client.secure.secagg_mod` masks the delta before it leaves.
 """
 
 from __future__ import annotations
@@ -18,14 +18,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.secure import secagg_mod
-from client.runtime import client_data, evaluate_client, personalise_client, train_client
+from fedllm import messages as wire
+from fedllm.client_round import Request, client_data, evaluate_round, train_round
 from fedllm.config import Config
 from fedllm.errors import FedllmError
 from fedllm.privacy.policy import DevicePolicy, device_config
 from fedllm.rundir import flwr_run_dir
+from fedllm.simulate import DEVICE_CONFIG_ENV
 
 app = ClientApp()
-LOCAL_CONFIG_ENV = "FEDLLM_DEVICE_CONFIG"  # a simulation's own config, handed to its workers by the runner
+LOCAL_CONFIG_ENV = DEVICE_CONFIG_ENV  # a simulation's own config, handed to its workers by `fedllm.simulate`
 MAX_ROUND = 10**9
 
 
@@ -36,9 +38,10 @@ def _local(context: Context) -> tuple[dict, DevicePolicy]:
     config comes from the server, so it is not read. A simulated device has the run's
     config: Flower's run config under `flwr run`, or the runner's (`fedllm simulate`)."""
     node = context.node_config
-    if "data-path" in node:
-        local = {"privacy.state-dir": str(node.get("state-dir", "")), "model.name": str(node.get("model", "builtin")),
-                 "model.cache-dir": str(node.get("cache-dir", ""))}
+    if wire.NODE_DATA_PATH in node:
+        local = {"privacy.state-dir": str(node.get(wire.NODE_STATE_DIR, "")),
+                 "model.name": str(node.get(wire.NODE_MODEL, "builtin")),
+                 "model.cache-dir": str(node.get(wire.NODE_CACHE_DIR, ""))}
         return local, DevicePolicy.from_node_config(node)
     if context.run_config:
         config = Config.from_flat(dict(context.run_config))
@@ -53,13 +56,13 @@ def _local(context: Context) -> tuple[dict, DevicePolicy]:
 
 def _config(msg: Message, context: Context) -> tuple[Config, ConfigRecord, DevicePolicy]:
     """The config this device acts on: the server's request, checked, with local keys its own."""
-    record = msg.content["config"]
+    record = msg.content[wire.CONFIG]
     local, policy = _local(context)
     return device_config(dict(record.items()), local), record, policy
 
 
 def _round(record: ConfigRecord) -> int:
-    value = record.get("server-round", 0)
+    value = record.get(wire.SERVER_ROUND, 0)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ROUND:
         raise FedllmError(f"server-round={value!r}: expected an integer in 0..{MAX_ROUND}")
     return value
@@ -67,14 +70,14 @@ def _round(record: ConfigRecord) -> int:
 
 def _run_id(record: ConfigRecord) -> str:
     """The server's run id, written into ledger entries: short and plain, or refused."""
-    value = str(record.get("run-id", ""))
+    value = str(record.get(wire.RUN_ID, ""))
     if not re.fullmatch(r"[A-Za-z0-9_-]{0,64}", value):
         raise FedllmError("run-id: expected at most 64 letters, digits, '-' or '_'")
     return value
 
 
 def _proximal_mu(record: ConfigRecord) -> float:
-    value = record.get("proximal-mu", 0.0)
+    value = record.get(wire.PROXIMAL_MU, 0.0)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
         raise FedllmError(f"proximal-mu={value!r}: expected a finite number >= 0")
     return float(value)
@@ -84,62 +87,60 @@ def _refusal(msg: Message, context: Context, why: str) -> Message:
     """A request this device cannot even read: a reply that says why, nothing charged."""
     local, _ = _local(context)
     data = client_data(device_config({}, local), _partition(context))
-    content = RecordDict({"client": ConfigRecord({"client-id": data.client_id, "declined": f"refused: {why}"})})
-    return Message(content=content, reply_to=msg)
+    return Message(content=_train_content(wire.TrainReply(data.client_id, declined=f"refused: {why}")), reply_to=msg)
 
 
 def _partition(context: Context):
     """Which client this node is: a device's own data (`data-path` in its node config),
     or a partition of the run's clients (simulation)."""
-    if "data-path" in context.node_config:
+    if wire.NODE_DATA_PATH in context.node_config:
         return dict(context.node_config)
-    return int(context.node_config["partition-id"])
+    return int(context.node_config[wire.NODE_PARTITION])
+
+
+def _client(client_id: str, declined: str | None = None) -> ConfigRecord:
+    return ConfigRecord({wire.CLIENT_ID: client_id} if declined is None else
+                        {wire.CLIENT_ID: client_id, wire.DECLINED: declined})
+
+
+def _train_content(reply: wire.TrainReply) -> RecordDict:
+    content = RecordDict({wire.CLIENT: _client(reply.client_id, reply.declined)})
+    if reply.report is not None:
+        content[wire.PRIVACY] = ConfigRecord({wire.REPORT: json.dumps(reply.report)})
+    if reply.delta is not None:
+        content[wire.ARRAYS] = ArrayRecord(reply.delta)
+        content[wire.METRICS] = MetricRecord(reply.metrics)
+    return content
 
 
 @app.train(mods=[secagg_mod])
 def train(msg: Message, context: Context) -> Message:
     try:
         config, record, policy = _config(msg, context)
-        server_round, run_id, mu = _round(record), _run_id(record), _proximal_mu(record)
+        request = Request(_round(record), _run_id(record), _proximal_mu(record))
     except FedllmError as exc:
         return _refusal(msg, context, str(exc))
-    global_state = msg.content["arrays"].to_torch_state_dict()
-    update = train_client(config, _partition(context), global_state, server_round, proximal_mu=mu, run_id=run_id,
-                          policy=policy)
-    content = RecordDict({"client": ConfigRecord({"client-id": update.data.client_id, "declined": update.declined})})
-    if update.privacy is not None:
-        content["privacy"] = ConfigRecord({"report": json.dumps(update.privacy)})
-    if update.delta is not None:
-        delta = update.delta
-        if config.user_dp.enabled:
-            from fedllm.privacy.user_level import clip_delta
-
-            delta, _ = clip_delta(delta, config.user_dp.clip)  # the norm itself stays on the device
-        content["arrays"] = ArrayRecord(delta)
-        content["metrics"] = MetricRecord({
-            "num-examples": update.data.num_records, "train-loss": update.result.loss,
-            "steps": update.result.steps, "epsilon": update.privacy["epsilon"] if update.privacy else 0.0,
-        })
-    return Message(content=content, reply_to=msg)
+    reply = train_round(config, _partition(context), msg.content[wire.ARRAYS].to_torch_state_dict(), request, policy)
+    return Message(content=_train_content(reply), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Held-out metrics of the global adapter; when asked (after the last round), also of
     this device's personalised adapter and of its local-only baseline."""
+    from fedllm.personal_round import personalise
+
     config, record, policy = _config(msg, context)
-    server_round, run_id = _round(record), _run_id(record)
-    global_state = msg.content["arrays"].to_torch_state_dict()
-    data, metrics = evaluate_client(config, _partition(context), global_state)
-    report = None
-    if record.get("personalise", False) is True:
-        personal, report = personalise_client(config, _partition(context), global_state, server_round,
-                                              global_metrics=metrics, run_id=run_id, policy=policy)
-        metrics.update(personal)
-    content = RecordDict({"metrics": MetricRecord({"num-examples": len(data.heldout), **metrics}),
-                          "client": ConfigRecord({"client-id": data.client_id})})
-    if report is not None:  # personal steps were charged: the server's copy of the report follows
-        content["privacy"] = ConfigRecord({"report": json.dumps(report)})
+    request = Request(_round(record), _run_id(record))
+    global_state = msg.content[wire.ARRAYS].to_torch_state_dict()
+    reply = evaluate_round(config, _partition(context), global_state)
+    if record.get(wire.PERSONALISE, False) is True:
+        personal, reply.report = personalise(config, _partition(context), global_state, request,
+                                             global_metrics=reply.metrics, policy=policy)
+        reply.metrics.update(personal)
+    content = RecordDict({wire.METRICS: MetricRecord(reply.metrics), wire.CLIENT: _client(reply.client_id)})
+    if reply.report is not None:  # personal steps were charged: the server's copy of the report follows
+        content[wire.PRIVACY] = ConfigRecord({wire.REPORT: json.dumps(reply.report)})
     return Message(content=content, reply_to=msg)
 
 
@@ -148,6 +149,7 @@ def query(msg: Message, context: Context) -> Message:
     """Who is this node? Lets the server sample and evaluate by client, reproducibly."""
     config, _, _ = _config(msg, context)
     data = client_data(config, _partition(context))
-    content = RecordDict({"metrics": MetricRecord({"num-records": data.num_records, "num-heldout": len(data.heldout)}),
-                          "client": ConfigRecord({"client-id": data.client_id})})
+    content = RecordDict({wire.METRICS: MetricRecord({wire.NUM_RECORDS: data.num_records,
+                                                       wire.NUM_HELDOUT: len(data.heldout)}),
+                          wire.CLIENT: _client(data.client_id)})
     return Message(content=content, reply_to=msg)

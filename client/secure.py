@@ -22,8 +22,10 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common import recorddict_compat as compat
 
-KEYS_FIELD = "adapter-keys"  # server.secure.KEYS_FIELD
-REQUIRE = "require-secagg"  # node config: this device never uploads an unmasked update
+from fedllm import messages as wire
+
+KEYS_FIELD = wire.ADAPTER_KEYS
+REQUIRE = wire.NODE_REQUIRE_SECAGG  # node config: this device never uploads an unmasked update
 
 
 class SecureAggregationRequired(RuntimeError):
@@ -41,21 +43,22 @@ def _from_fitins(content: RecordDict) -> tuple[RecordDict, list[str]]:
     if len(arrays) != len(keys):
         raise ValueError(f"secure round: {len(arrays)} tensors for {len(keys)} adapter keys")
     config = ConfigRecord({k: v for k, v in fitins.config.items() if k != KEYS_FIELD})
-    return RecordDict({"arrays": ArrayRecord({k: Array(a) for k, a in zip(keys, arrays)}), "config": config}), keys
+    return RecordDict({wire.ARRAYS: ArrayRecord({k: Array(a) for k, a in zip(keys, arrays)}),
+                       wire.CONFIG: config}), keys
 
 
 def _to_fitres(reply: RecordDict, global_arrays: ArrayRecord, keys: list[str], weight: int) -> RecordDict:
     """fedllm's train reply as FitRes: the delta in `keys` order (zeros when the client
     declined), weight 1 (0: a decline that must not count), every plain field as a metric."""
-    delta = reply.array_records.get("arrays")
+    delta = reply.array_records.get(wire.ARRAYS)
     tensors = [np.asarray(delta[k].numpy() if delta is not None else np.zeros_like(global_arrays[k].numpy()),
                           dtype=np.float64) for k in keys]
     metrics: dict = {}
-    for name in ("client", "privacy"):
+    for name in (wire.CLIENT, wire.PRIVACY):
         if name in reply.config_records:
             metrics.update(reply.config_records[name])
-    if "metrics" in reply.metric_records:
-        metrics.update(reply.metric_records["metrics"])
+    if wire.METRICS in reply.metric_records:
+        metrics.update(reply.metric_records[wire.METRICS])
     fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(tensors), weight, metrics)
     return compat.fitres_to_recorddict(fitres, keep_input=True)
 
@@ -63,12 +66,12 @@ def _to_fitres(reply: RecordDict, global_arrays: ArrayRecord, keys: list[str], w
 def _train_in_fedllm_format(call_next: ClientAppCallable) -> ClientAppCallable:
     def call(msg: Message, context: Context) -> Message:
         msg.content, keys = _from_fitins(msg.content)
-        global_arrays = msg.content["arrays"]
-        user_dp = bool(msg.content["config"].get("user-dp.enabled", False))
+        global_arrays = msg.content[wire.ARRAYS]
+        user_dp = bool(msg.content[wire.CONFIG].get("user-dp.enabled", False))
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
-        declined = "arrays" not in reply.content.array_records
+        declined = wire.ARRAYS not in reply.content.array_records
         # A decline sends zeros; weighted 0 unless user-level DP needs every sampled client counted.
         weight = 0 if declined and not user_dp else 1
         reply.content = _to_fitres(reply.content, global_arrays, keys, weight)

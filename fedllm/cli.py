@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
@@ -34,8 +33,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    # `simulations/` wires Flower's engine to `server/` and `client/`; import it only here.
-    runner = importlib.import_module("simulations.runner")
+    from fedllm import simulate as runner
     from fedllm.plots import format_summary
     from fedllm.rundir import default_run_dir
 
@@ -68,8 +66,8 @@ def cmd_base_build(args: argparse.Namespace) -> int:
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Exit 0 when every check passes, 1 when any fails (each failure is named)."""
-    from fedllm.privacy.audit import audit_path
-    from fedllm.privacy.audit_report import table, write_reports
+    from fedllm.audit.records import audit_path
+    from fedllm.audit.report import table, write_reports
 
     if not 0 <= args.tolerance < 1:
         raise FedllmError(f"--tolerance={args.tolerance}: give a relative tolerance in [0, 1), e.g. 0.01")
@@ -82,7 +80,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_canary(args: argparse.Namespace) -> int:
-    canary = importlib.import_module("simulations.canary_audit")
+    from fedllm.audit import canary_run as canary
 
     result = canary.run(args.config, _overrides(args.assignments), args.run_dir, args.canaries, args.guesses,
                         args.seed)

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from fedllm.data.tokens import collate
+from fedllm.messages import EVAL_VALUES as METRICS
+from fedllm.messages import SUMMARY_VALUES as SUMMARY_METRICS  # averaged over clients, compared between models
 
-METRICS = ("loss", "perplexity", "top1", "top3", "tokens")
-SUMMARY_METRICS = METRICS[:4]  # what is averaged over clients and compared between models
+__all__ = ["METRICS", "SUMMARY_METRICS", "evaluate"]
 
 
 @torch.no_grad()

@@ -1,14 +1,26 @@
-"""The run directory: one folder per run that holds everything it produced.
+"""The run directory: one folder per run that holds everything it produced. This module
+is its only reader and writer; servers, plots, the audit and tools go through `RunDir`.
 
     config.json          resolved configuration (flat dotted keys)
     metrics.jsonl        one object per round (round 0: the base, before training)
-    summary.json         final figures (base vs global, upload bytes, ...)
+    summary.json         final figures (base vs global, upload bytes, ...), with `format`
+    summary.txt          the same, as the table `fedllm simulate` prints; plots beside it
+    personalisation.csv  per client: base, local-only, global and personalised perplexity
+    privacy/clients/*.json   each client's latest epsilon report (its whole ledger history)
+    privacy/summary.json     the record-level summary over those reports
+    privacy/user_level.json  the user-level claim, when user-level DP is on
     checkpoints/round-N  global adapter after round N (round-0: the initial one), a PEFT adapter directory,
                          with what a restarted server resumes from (global.safetensors, strategy.safetensors
                          and strategy.json: data only, never a pickle; server-state.json);
                          checkpoints/latest.json names the last completed round
     server-error.txt     why the server stopped, when it stopped on an error (one line)
     proxy/               `fedllm server` only: nginx's config and logs
+
+How the format may change (auditors and plots read old run directories): a file or field
+is never removed and never changes meaning; a new one is added. A change that cannot be
+made so raises `FORMAT` (written in summary.json) and adds a reader for the new format
+beside the old one. Readers take a missing field as its default in the format that
+introduced it.
 """
 
 from __future__ import annotations
@@ -22,6 +34,9 @@ from typing import Any
 from fedllm import atomic
 from fedllm.config import Config
 from fedllm.errors import FedllmError
+from fedllm.state import safe_name
+
+FORMAT = 1  # summary.json `format`: the version of this layout
 
 
 def default_run_dir() -> Path:
@@ -35,9 +50,15 @@ def flwr_run_dir(run_id: int) -> Path:
 
 
 class RunDir:
-    def __init__(self, path: Path | str):
+    def __init__(self, path: Path | str, create: bool = True):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.path.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def existing(cls, path: Path | str) -> "RunDir":
+        """A run directory to read (an audit, a plot): nothing is created."""
+        return cls(path, create=False)
 
     @property
     def metrics_file(self) -> Path:
@@ -59,8 +80,62 @@ class RunDir:
         """The reason the server stopped on an error, or "" (the file is the server's, one line)."""
         return self.error_file.read_text(errors="replace").strip()[:2000] if self.error_file.exists() else ""
 
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def privacy_dir(self) -> Path:
+        return self.path / "privacy"
+
+    @property
+    def client_reports_dir(self) -> Path:
+        return self.privacy_dir / "clients"
+
+    @property
+    def privacy_summary_file(self) -> Path:
+        return self.privacy_dir / "summary.json"
+
+    @property
+    def user_level_file(self) -> Path:
+        return self.privacy_dir / "user_level.json"
+
+    @property
+    def personalisation_file(self) -> Path:
+        return self.path / "personalisation.csv"
+
+    @property
+    def latest_file(self) -> Path:
+        """checkpoints/latest.json: the last round whose checkpoint and metrics line are complete."""
+        return self.path / "checkpoints" / "latest.json"
+
     def write_config(self, config: Config) -> None:
-        atomic.write_json(self.path / "config.json", config.to_flat())
+        atomic.write_json(self.config_file, config.to_flat())
+
+    def write_client_report(self, client_id: str, report: dict[str, Any]) -> Path:
+        path = self.client_reports_dir / f"{safe_name(client_id)}.json"
+        atomic.write_json(path, report)
+        return path
+
+    def client_report_files(self) -> list[Path]:
+        return sorted(self.client_reports_dir.glob("*.json"))
+
+    def write_privacy_summary(self, summary: dict[str, Any]) -> None:
+        atomic.write_json(self.privacy_summary_file, summary)
+
+    def write_user_level(self, report: dict[str, Any]) -> None:
+        atomic.write_json(self.user_level_file, report)
+
+    def write_personalisation(self, rows: list[dict[str, Any]]) -> None:
+        """personalisation.csv, one row per client (columns in the order given)."""
+        if not rows:
+            return
+        columns = list(rows[0])
+        lines = [",".join(columns)] + [",".join(_cell(row[c]) for c in columns) for row in rows]
+        atomic.write_bytes(self.personalisation_file, ("\n".join(lines) + "\n").encode())
+
+    def mark_complete(self, server_round: int) -> None:
+        atomic.write_json(self.latest_file, {"round": server_round})
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         atomic.append_line(self.metrics_file, record)
@@ -71,7 +146,7 @@ class RunDir:
         atomic.write_bytes(self.metrics_file, "".join(json.dumps(m, sort_keys=True) + "\n" for m in kept).encode())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic.write_json(self.summary_file, summary)
+        atomic.write_json(self.summary_file, {"format": FORMAT, **summary})
 
     def metrics(self) -> list[dict[str, Any]]:
         """Every round's record. A torn last line (a crash mid-write) is dropped with a
@@ -98,3 +173,9 @@ class RunDir:
 
     def summary(self) -> dict[str, Any]:
         return json.loads(self.summary_file.read_text())
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(int(value))
+    return f"{value:.4f}" if isinstance(value, float) else str(value)

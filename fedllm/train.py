@@ -7,14 +7,15 @@ A DP engine wraps the model, optimizer and loader *before* they reach this loop
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from fedllm.data.tokens import collate
-from fedllm.privacy.engine import is_empty, noise_only_step
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,15 @@ def proximal_term(model, anchor: dict[str, torch.Tensor], mu: float) -> torch.Te
 
 
 def train_local(model, loader, optimizer, steps: int, proximal_mu: float = 0.0,
-                anchor: dict[str, torch.Tensor] | None = None, after_step=None) -> TrainResult:
+                anchor: dict[str, torch.Tensor] | None = None, after_step=None,
+                on_empty: Callable[[Any], bool] | None = None) -> TrainResult:
     """Run `steps` optimizer steps, cycling through the loader as often as needed.
 
     With `proximal_mu` > 0, the loss gets (mu/2)||w - anchor||^2 over the trainable
     weights; the anchor defaults to the weights at the start (FedProx), Ditto passes the
     global adapter. `after_step(step)` is called after each step (early stopping uses it).
+    `on_empty(batch)` takes the step of a batch with no record and says it did (the DP
+    engine's rule: `Private.noise_step`); the loop itself knows nothing of DP.
     """
     if proximal_mu <= 0:
         anchor = None
@@ -73,9 +77,7 @@ def train_local(model, loader, optimizer, steps: int, proximal_mu: float = 0.0,
     total, seen, empties = 0.0, 0, 0
     for step in range(1, steps + 1):
         batch = next(batches)
-        if is_empty(batch):  # only a Poisson (DP) loader yields these
-            optimizer.zero_grad(set_to_none=True)
-            noise_only_step(optimizer)
+        if on_empty is not None and on_empty(batch):  # only a Poisson (DP) loader yields these
             empties += 1
             if after_step is not None:
                 after_step(step)

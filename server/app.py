@@ -1,27 +1,39 @@
-"""The fedllm ServerApp. `flwr run .` enters through `app`; `fedllm simulate` builds one
-with `make_server_app` so that its validated config and run directory are used as given.
+"""The fedllm ServerApp (the `serverapp` component): `flwr run .`, `fedllm server` and
+`fedllm simulate` all enter through `app`; the run itself is `server.round_loop.Server`.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedllm import atomic
 from fedllm.config import Config
-from fedllm.rundir import flwr_run_dir
-from server.rounds import run_server
+from fedllm.errors import FedllmError
+from fedllm.plots import finish, format_summary
+from fedllm.rundir import RunDir, flwr_run_dir
+from fedllm.simulate import SERVER_CONFIG_ENV
+from server.round_loop import Server
+
+log = logging.getLogger("fedllm.server")
 
 
-def make_server_app(config: Config, run_dir: Path) -> ServerApp:
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        run_server(grid, config, run_dir)
-
-    return server_app
+def run_server(grid: Grid, config: Config, run_dir: Path) -> dict:
+    """The whole run; a FedllmError stops it with its reason in server-error.txt."""
+    RunDir(run_dir).error_file.unlink(missing_ok=True)
+    try:
+        summary = Server(grid, config, run_dir).run_all()
+    except FedllmError as exc:
+        atomic.write_bytes(RunDir(run_dir).error_file, f"{exc}\n".encode())
+        log.error("%s", exc)
+        raise
+    finish(run_dir, format_summary(summary))  # summary.txt and plots, as in every run directory
+    return summary
 
 
 app = ServerApp()
@@ -29,5 +41,10 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    config = Config.from_flat(dict(context.run_config))
+    """`fedllm simulate` hands the config through the environment (Flower's simulation
+    takes no run config); `flwr run` (and `fedllm server`) through the run config."""
+    if os.environ.get(SERVER_CONFIG_ENV):
+        config = Config.from_flat(json.loads(os.environ[SERVER_CONFIG_ENV]))
+    else:
+        config = Config.from_flat(dict(context.run_config))
     run_server(grid, config, Path(config.run_dir) if config.run_dir else flwr_run_dir(context.run_id))

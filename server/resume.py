@@ -1,6 +1,6 @@
 """What a restarted server trusts from its run directory: data only, checked.
 
-Strategy state is saved as tensors (safetensors) and a JSON manifest, never pickled: a
+Server optimizer state is saved as tensors (safetensors) and a JSON manifest, never pickled: a
 planted file can at worst be refused. A restart whose config differs from the run's is
 refused with the differing keys; `resume.accept-changes=true` accepts only keys that can
 change neither privacy nor shapes. Every file read here that is missing or corrupt gives
@@ -16,10 +16,13 @@ from typing import Any
 import numpy as np
 
 from fedllm import atomic
+from fedllm.aggregate import ServerOptimizer
 from fedllm.config import Config
 from fedllm.errors import FedllmError
 
 STATE_FILE, MANIFEST = "strategy.safetensors", "strategy.json"
+OPTIMIZER_STATE = {"fedavgm": ("momentum_vector",), "fedadam": ("m_t", "v_t"), "fedyogi": ("m_t", "v_t"),
+                   "fedadagrad": ("m_t", "v_t")}
 # Keys a restart may change (with resume.accept-changes=true): neither privacy nor shapes depend on them.
 SAFE_TO_CHANGE = frozenset({"round-timeout", "evaluate.every", "evaluate.batch-size", "simulation.num-cpus",
                             "simulation.cpus-per-client", "resume.accept-changes", "run-dir"})
@@ -56,22 +59,12 @@ def config_changes(saved: dict[str, Any], config: Config, accept: bool) -> None:
                           f"same config, or start a new run directory{hint}")
 
 
-def save_strategy(strategy, folder: Path) -> None:
-    """The strategy's array state (FedAdam's moments, FedAvgM's momentum, ...) as tensors."""
-    from flwr.app import ArrayRecord
-
+def save_optimizer(optimizer: ServerOptimizer, folder: Path) -> None:
+    """The server optimizer's arrays (FedAdam's moments, FedAvgM's momentum) as tensors."""
     tensors: dict[str, np.ndarray] = {}
-    manifest: dict[str, Any] = {"strategy": type(strategy).__name__, "attributes": {}}
-    for name, value in sorted(vars(strategy).items()):
-        if isinstance(value, ArrayRecord):
-            kind, items = "record", {k: v.numpy() for k, v in value.items()}
-        elif isinstance(value, dict) and value and all(isinstance(v, np.ndarray) for v in value.values()):
-            kind, items = "dict", value
-        elif isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
-            kind, items = "list", {str(i): v for i, v in enumerate(value)}
-        else:
-            continue
-        manifest["attributes"][name] = {"kind": kind, "keys": list(items)}
+    manifest: dict[str, Any] = {"strategy": optimizer.name, "attributes": {}}
+    for name, items in sorted(optimizer.state.items()):
+        manifest["attributes"][name] = {"kind": "dict", "keys": list(items)}
         tensors.update({f"{name}/{k}": np.ascontiguousarray(v) for k, v in items.items()})
     data = _safetensors_bytes(tensors) if tensors else b""
     atomic.write_bytes(folder / STATE_FILE, data)
@@ -84,16 +77,17 @@ def _safetensors_bytes(tensors: dict[str, np.ndarray]) -> bytes:
     return save(tensors)
 
 
-def load_strategy(strategy, folder: Path, shapes: dict[str, tuple[int, ...]]):
-    """Restore `strategy` (freshly made from the config) from its saved array state; every
-    attribute, kind, key and shape is checked against what the fresh strategy can hold."""
-    from flwr.app import Array, ArrayRecord
+def load_optimizer(optimizer: ServerOptimizer, folder: Path, strategy: str,
+                   shapes: dict[str, tuple[int, ...]]) -> ServerOptimizer:
+    """Restore `optimizer` (freshly made from the config) from its saved array state; every
+    attribute, kind, key and shape is checked. Reads what earlier fedllm wrote too (the
+    Flower strategy's attributes: `current_arrays` is dropped, a momentum list is keyed)."""
     from safetensors.numpy import load
 
     manifest_path, state_path = folder / MANIFEST, folder / STATE_FILE
     manifest = read_json(manifest_path)
-    if not isinstance(manifest, dict) or manifest.get("strategy") != type(strategy).__name__:
-        raise _corrupt(manifest_path, f"is not the state of a {type(strategy).__name__} strategy")
+    if not isinstance(manifest, dict) or str(manifest.get("strategy", "")).lower() != strategy:
+        raise _corrupt(manifest_path, f"is not the state of a {strategy} strategy")
     attributes = manifest.get("attributes")
     if not isinstance(attributes, dict):
         raise _corrupt(manifest_path, "has no attributes table")
@@ -104,26 +98,24 @@ def load_strategy(strategy, folder: Path, shapes: dict[str, tuple[int, ...]]):
         raise _corrupt(state_path, "is missing") from None
     except Exception as exc:  # noqa: BLE001 - any decoding failure is a corrupt file
         raise _corrupt(state_path, f"is not a safetensors file ({type(exc).__name__})") from None
-    fresh = vars(strategy)
     for name, entry in attributes.items():
-        if name not in fresh or not isinstance(entry, dict) or entry.get("kind") not in ("record", "dict", "list"):
-            raise _corrupt(manifest_path, f"names an attribute {name!r} a {type(strategy).__name__} does not have")
+        if name == "current_arrays":
+            continue  # the global adapter, saved on its own
+        if name not in OPTIMIZER_STATE.get(strategy, ()) or not isinstance(entry, dict) or \
+                entry.get("kind") not in ("record", "dict", "list"):
+            raise _corrupt(manifest_path, f"names an attribute {name!r} a {strategy} optimizer does not have")
         keys = entry.get("keys")
         if not isinstance(keys, list) or any(f"{name}/{k}" not in tensors for k in keys):
             raise _corrupt(state_path, f"lacks tensors of {name}")
         items = {str(k): tensors[f"{name}/{k}"] for k in keys}
-        if entry["kind"] in ("record", "dict"):
-            if set(items) != set(shapes) or any(tuple(v.shape) != shapes[k] for k, v in items.items()):
-                raise _corrupt(state_path, f"holds {name} tensors that do not fit this run's adapter")
+        if entry["kind"] == "list":  # Flower's FedAvgM kept its momentum in the adapter's key order
+            items = {k: items.get(str(i)) for i, k in enumerate(shapes)} if len(items) == len(shapes) else {}
+        if set(items) != set(shapes) or any(tuple(v.shape) != shapes[k] for k, v in items.items()):
+            raise _corrupt(state_path, f"holds {name} tensors that do not fit this run's adapter")
         if not all(np.isfinite(v).all() for v in items.values()):
             raise _corrupt(state_path, f"holds non-finite values in {name}")
-        if entry["kind"] == "record":
-            setattr(strategy, name, ArrayRecord({k: Array(np.asarray(v)) for k, v in items.items()}))
-        elif entry["kind"] == "dict":
-            setattr(strategy, name, {k: np.asarray(v) for k, v in items.items()})
-        else:
-            setattr(strategy, name, [np.asarray(items[str(i)]) for i in range(len(items))])
-    return strategy
+        optimizer.state[name] = {k: np.asarray(v, np.float64) for k, v in items.items()}
+    return optimizer
 
 
 def check_server_state(state: Any, path: Path) -> dict[str, Any]:

@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from fedllm import messages as wire
+from fedllm.untrusted import say
+from server.validation import MAX_CLIENT_ID, check_metrics
+
 log = logging.getLogger("fedllm.server")
 
 
@@ -52,21 +56,18 @@ class NodeInfo:
 
 def _declared(reply: Message) -> NodeInfo | str:
     """The node's declaration, or why it is unusable (checked as any client input)."""
-    from fedllm.untrusted import say
-    from server.validation import MAX_CLIENT_ID, check_metrics
-
     try:
-        if set(reply.content.config_records) != {"client"} or set(reply.content.metric_records) != {"metrics"}:
+        if set(reply.content.config_records) != {wire.CLIENT} or set(reply.content.metric_records) != {wire.METRICS}:
             return "expected exactly a client record and a metrics record"
-        client_id = reply.content["client"].get("client-id")
-        if set(reply.content["client"].keys()) != {"client-id"} or not isinstance(client_id, str) \
+        client_id = reply.content[wire.CLIENT].get(wire.CLIENT_ID)
+        if set(reply.content[wire.CLIENT].keys()) != {wire.CLIENT_ID} or not isinstance(client_id, str) \
                 or not 0 < len(client_id) <= MAX_CLIENT_ID or not client_id.isprintable():
             return f"client id {say(client_id)} is not a printable string of 1..{MAX_CLIENT_ID} characters"
-        metrics = reply.content["metrics"]
-        why = check_metrics(metrics, {"num-records": (1, 2**31, True), "num-heldout": (1, 2**31, True)})
+        metrics = reply.content[wire.METRICS]
+        why = check_metrics(metrics, {wire.NUM_RECORDS: (1, 2**31, True), wire.NUM_HELDOUT: (1, 2**31, True)})
         if why:
             return why
-        return NodeInfo(client_id, int(metrics["num-records"]), int(metrics["num-heldout"]))
+        return NodeInfo(client_id, int(metrics[wire.NUM_RECORDS]), int(metrics[wire.NUM_HELDOUT]))
     except Exception as exc:  # noqa: BLE001 - a malformed declaration is a refusal, never a crash
         return f"malformed declaration ({type(exc).__name__})"
 
@@ -82,7 +83,7 @@ def discover(grid: Grid, config: ConfigRecord, minimum: int, timeout: float,
     """
     deadline = time.time() + timeout
     nodes = wait_for_nodes(grid, minimum, timeout)
-    content = RecordDict({"config": config})
+    content = RecordDict({wire.CONFIG: config})
     found: dict[str, int] = {}
     answered: set[int] = set()
     while True:

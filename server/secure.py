@@ -7,8 +7,9 @@ configured Message-API strategy stay in `server.rounds`; this module only lends 
 workflow a minimal legacy strategy (`_Handoff`) that gives it the instructions fedllm
 chose and hands back what it aggregated. The cryptography is all Flower's.
 
-Every client is weighted 1 (`max_weight` 1): the workflow returns the plain mean of the
-contributed deltas, and `mean * contributors` is their sum.
+Every contributing client is weighted 1 (`max_weight` 1; a decline 0 unless user-level DP
+counts it): the workflow returns the mean over the weight, and this module hands back the
+sum (`mean * weight`), which is what the protocol hides each delta in.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
+from fedllm import messages as wire
 from fedllm.config import Config
 
 log = logging.getLogger("fedllm.server")
-KEYS_FIELD = "adapter-keys"  # the order of the tensors in the legacy Parameters list
+KEYS_FIELD = wire.ADAPTER_KEYS
 
 
 def clipping_range(config: Config) -> float:
@@ -123,16 +125,17 @@ def _content_bytes(content: RecordDict) -> int:
 
 @dataclass
 class SecureRound:
-    """What a SecAgg+ round gave the server: the mean of the contributed deltas (None
-    when the protocol halted), and each contributor's plain metrics."""
+    """What a SecAgg+ round gave the server: the sum of the contributed deltas (None when
+    the protocol halted), how many weighed in it, and each contributor's plain metrics."""
 
-    mean: dict[str, np.ndarray] | None
+    total: dict[str, np.ndarray] | None
     replies: dict[int, dict[str, Any]]  # node -> FitRes metrics (no tensors)
     shares: int
     threshold: int
     sampled: int
     upload_bytes: dict[int, int] = field(default_factory=dict)
     error: str = ""
+    contributors: int = 0
 
 
 def secure_round(grid: Grid, config: Config, server_round: int, nodes: list[int], arrays: ArrayRecord,
@@ -172,7 +175,9 @@ def secure_round(grid: Grid, config: Config, server_round: int, nodes: list[int]
     if handoff.mean is None:
         result.error = "secure aggregation halted (too few clients left to unmask; see Flower's log)"
     elif len(handoff.mean) == len(keys) and all(np.isfinite(a).all() for a in handoff.mean):
-        result.mean = {k: np.asarray(a, np.float64) for k, a in zip(keys, handoff.mean)}
+        weight = sum(int(res.num_examples) for _, res in handoff.results)
+        result.contributors = weight
+        result.total = {k: np.asarray(a, np.float64) * weight for k, a in zip(keys, handoff.mean)}
     else:
         result.error = "the unmasked aggregate is not finite (every contributor declined?)"
     return result

@@ -10,8 +10,6 @@ total: an unexpected shape of anything is a rejection, never an exception.
 
 from __future__ import annotations
 
-import io
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,14 +17,17 @@ from typing import Any
 import numpy as np
 from flwr.app import Message
 
+from fedllm import messages as wire
 from fedllm.privacy.report import check_report
 from fedllm.untrusted import MAX_TEXT, number_in, say
+from server.decode import AdapterSpec, decode_array, decode_delta
 
-TRAIN_RECORDS = frozenset({"arrays", "metrics", "client", "privacy"})
-EVAL_RECORDS = frozenset({"metrics", "client", "privacy"})
+__all__ = ["AdapterSpec", "Expect", "Verdict", "check_evaluate_reply", "check_secure_metrics", "check_train_reply",
+           "decode_array", "decode_delta", "error_summary"]
+TRAIN_RECORDS = frozenset(wire.TRAIN_REPLY)
+EVAL_RECORDS = frozenset(wire.EVAL_REPLY)
 MAX_CLIENT_ID = 128
 MAX_LOSS = 1e4  # a per-token cross-entropy this large is no training result
-NPY_HEADER_SLACK = 4096  # np.save's header is < 200 bytes for our shapes
 
 
 def error_summary(reason: Any) -> str:
@@ -41,21 +42,6 @@ def error_summary(reason: Any) -> str:
             return say(f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}", 200)
     lines = [line for line in text[-2000:].splitlines() if line.strip()]
     return say(lines[-1].strip() if lines else "no reason given", 200)
-
-
-@dataclass(frozen=True)
-class AdapterSpec:
-    """What a valid delta looks like: key -> shape, all float32."""
-
-    shapes: dict[str, tuple[int, ...]]
-
-    @classmethod
-    def from_state(cls, state) -> "AdapterSpec":
-        return cls({k: tuple(v.shape) for k, v in state.items()})
-
-    @property
-    def num_values(self) -> int:
-        return sum(math.prod(shape) for shape in self.shapes.values())
 
 
 @dataclass(frozen=True)
@@ -84,63 +70,10 @@ class Verdict:
         return not self.reason and not self.declined
 
 
-def decode_array(array: Any, shape: tuple[int, ...]) -> tuple[np.ndarray | None, str]:
-    """(the float32 array of `shape`, "") or (None, why not), without trusting any header."""
-    try:
-        stype, dtype, declared, data = array.stype, array.dtype, tuple(array.shape), array.data
-    except Exception as exc:  # noqa: BLE001 - not an Array at all
-        return None, f"not an array ({type(exc).__name__})"
-    if stype != "numpy.ndarray":
-        return None, f"serialisation {say(stype)}, expected numpy.ndarray"
-    if dtype != "float32":
-        return None, f"dtype {say(dtype)}, expected float32"
-    if declared != shape:
-        return None, f"shape {say(str(declared))}, expected {shape}"
-    payload = math.prod(shape) * 4
-    if not isinstance(data, (bytes, bytearray)) or not payload < len(data) <= payload + NPY_HEADER_SLACK:
-        size = len(data) if isinstance(data, (bytes, bytearray)) else -1
-        return None, f"{size} bytes for a float32 array of shape {shape}"
-    try:
-        buffer = io.BytesIO(data)
-        version = np.lib.format.read_magic(buffer)
-        if version == (1, 0):
-            header_shape, fortran, header_dtype = np.lib.format.read_array_header_1_0(buffer)
-        elif version == (2, 0):
-            header_shape, fortran, header_dtype = np.lib.format.read_array_header_2_0(buffer)
-        else:
-            return None, f"unsupported npy format version {version}"
-        if header_dtype != np.dtype("<f4") or tuple(header_shape) != shape or fortran:
-            return None, f"encoded as {header_dtype} {tuple(header_shape)}, declared float32 {shape}"
-        if len(data) - buffer.tell() != payload:
-            return None, "payload length does not match its shape"
-        value = np.frombuffer(data, dtype="<f4", count=math.prod(shape), offset=buffer.tell()).reshape(shape)
-    except Exception as exc:  # noqa: BLE001 - undecodable bytes
-        return None, f"undecodable array ({type(exc).__name__})"
-    if not np.isfinite(value).all():
-        return None, "non-finite values"
-    return value.astype(np.float32), ""
-
-
-def decode_delta(arrays: Any, spec: AdapterSpec) -> tuple[dict[str, np.ndarray] | None, str]:
-    try:
-        keys = set(arrays.keys())
-    except Exception as exc:  # noqa: BLE001
-        return None, f"arrays unreadable ({type(exc).__name__})"
-    if keys != set(spec.shapes):
-        unknown, missing = sorted(keys - set(spec.shapes)), sorted(set(spec.shapes) - keys)
-        return None, f"adapter keys differ: unknown {[say(k, 60) for k in unknown[:3]]}, missing {missing[:3]}"
-    delta = {}
-    for key, shape in spec.shapes.items():
-        value, why = decode_array(arrays[key], shape)
-        if value is None:
-            return None, f"{key}: {why}"
-        delta[key] = value
-    return delta, ""
-
-
 TRAIN_RANGES: dict[str, tuple[float, float, bool]] = {  # metric: (low, high, integer)
-    "train-loss": (0.0, MAX_LOSS, False), "steps": (0, 10**7, True), "epsilon": (0.0, 1e4, False),
-    "num-examples": (1, 2**31, True)}
+    wire.TRAIN_LOSS: (0.0, MAX_LOSS, False), wire.STEPS: (0, 10**7, True), wire.EPSILON: (0.0, 1e4, False),
+    wire.NUM_EXAMPLES: (1, 2**31, True)}
+assert set(TRAIN_RANGES) == wire.TRAIN_METRICS
 
 
 def check_metrics(metrics: Mapping, ranges: Mapping[str, tuple[float, float, bool]]) -> str:
@@ -162,20 +95,20 @@ def _declared_metrics(metrics: Mapping, ranges, declared: int | None, what: str)
     if why:
         return {}, why
     values = {k: float(v) for k, v in metrics.items()}
-    if declared is not None and values["num-examples"] != declared:
+    if declared is not None and values[wire.NUM_EXAMPLES] != declared:
         return {}, f"num-examples {values['num-examples']:.0f}, but the node declared {declared} {what} at discovery"
     return values, ""
 
 
 def _client_record(content, expect: Expect) -> tuple[str, str, str]:
     """(claimed client id, declined reason, why the record is bad)."""
-    if "client" not in content.config_records:
+    if wire.CLIENT not in content.config_records:
         return "", "", "no client record"
-    record = content.config_records["client"]
-    extra = set(record.keys()) - {"client-id", "declined"}
+    record = content.config_records[wire.CLIENT]
+    extra = set(record.keys()) - wire.CLIENT_FIELDS
     if extra:
         return "", "", f"client record has unknown fields {[say(k, 40) for k in sorted(extra)][:3]}"
-    return _client_fields(record.get("client-id", ""), record.get("declined", ""), expect)
+    return _client_fields(record.get(wire.CLIENT_ID, ""), record.get(wire.DECLINED, ""), expect)
 
 
 def _client_fields(claimed: Any, declined: Any, expect: Expect) -> tuple[str, str, str]:
@@ -191,12 +124,12 @@ def _client_fields(claimed: Any, declined: Any, expect: Expect) -> tuple[str, st
 
 def _privacy_record(content) -> tuple[Any, str]:
     """(the report text or None, why the record is bad)."""
-    if "privacy" not in content.config_records:
+    if wire.PRIVACY not in content.config_records:
         return None, ""
-    record = content.config_records["privacy"]
-    if set(record.keys()) != {"report"}:
+    record = content.config_records[wire.PRIVACY]
+    if set(record.keys()) != {wire.REPORT}:
         return None, "privacy record must hold exactly one field, report"
-    return record["report"], ""
+    return record[wire.REPORT], ""
 
 
 def _records_ok(content, allowed: frozenset[str]) -> str:
@@ -206,10 +139,10 @@ def _records_ok(content, allowed: frozenset[str]) -> str:
         return f"unexpected records {[say(n, 40) for n in sorted(unknown)][:3]}"
     if len(names) != len(set(names)):
         return "duplicate record names"
-    for name, kind in (("arrays", content.array_records), ("metrics", content.metric_records)):
+    for name, kind in ((wire.ARRAYS, content.array_records), (wire.METRICS, content.metric_records)):
         if name in names and name not in kind:
             return f"record {name} has the wrong type"
-    for name in ("client", "privacy"):
+    for name in (wire.CLIENT, wire.PRIVACY):
         if name in names and name not in content.config_records:
             return f"record {name} has the wrong type"
     return ""
@@ -246,23 +179,23 @@ def _check_train(msg: Message, spec: AdapterSpec, expect: Expect) -> Verdict:
     if why:
         return Verdict(reason=why)
     if declined:
-        if "arrays" in content.array_records:
+        if wire.ARRAYS in content.array_records:
             return Verdict(reason="a declined reply carries an update")
         return Verdict(declined=declined, report=report)
-    if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+    if wire.ARRAYS not in content.array_records or wire.METRICS not in content.metric_records:
         return Verdict(reason="no update: arrays and metrics are required unless the client declines")
     if expect.privacy and report is None:
         return Verdict(reason="no epsilon report with a private update")
-    delta, why = decode_delta(content.array_records["arrays"], spec)
+    delta, why = decode_delta(content.array_records[wire.ARRAYS], spec)
     if delta is None:
         return Verdict(reason=why)
-    values, why = _declared_metrics(content.metric_records["metrics"], TRAIN_RANGES, expect.num_records,
+    values, why = _declared_metrics(content.metric_records[wire.METRICS], TRAIN_RANGES, expect.num_records,
                                     "records")
     if why:
         return Verdict(reason=why)
-    if expect.local_steps is not None and values["steps"] != expect.local_steps:
+    if expect.local_steps is not None and values[wire.STEPS] != expect.local_steps:
         return Verdict(reason=f"steps {values['steps']:.0f}, expected local-steps={expect.local_steps}")
-    if report is not None and abs(values["epsilon"] - report["epsilon"]) > 1e-9 * max(1.0, report["epsilon"]):
+    if report is not None and abs(values[wire.EPSILON] - report["epsilon"]) > 1e-9 * max(1.0, report["epsilon"]):
         return Verdict(reason="metric epsilon differs from the epsilon report")
     return Verdict(delta=delta, metrics=values, report=report)
 
@@ -279,7 +212,7 @@ def check_evaluate_reply(msg: Message, metric_keys: frozenset[str], expect: Expe
 def eval_ranges(metric_keys: frozenset[str]) -> dict[str, tuple[float, float, bool]]:
     ranges = {}
     for key in metric_keys:
-        if key == "num-examples":
+        if key == wire.NUM_EXAMPLES:
             ranges[key] = (1, 2**31, True)
         elif key.endswith("perplexity"):
             ranges[key] = (1.0, 1e30, False)
@@ -298,9 +231,9 @@ def _check_evaluate(msg: Message, metric_keys: frozenset[str], expect: Expect) -
     content, declined, report, why = _envelope(msg, EVAL_RECORDS, expect)
     if why or declined:
         return Verdict(reason=why or "an evaluation reply cannot decline")
-    if "metrics" not in content.metric_records:
+    if wire.METRICS not in content.metric_records:
         return Verdict(reason="no metrics")
-    values, why = _declared_metrics(content.metric_records["metrics"], eval_ranges(metric_keys), expect.num_heldout,
+    values, why = _declared_metrics(content.metric_records[wire.METRICS], eval_ranges(metric_keys), expect.num_heldout,
                                     "held-out records")
     if why:
         return Verdict(reason=why)
@@ -312,16 +245,16 @@ def check_secure_metrics(metrics: dict, expect: Expect | None = None) -> tuple[d
     not the server, vouches for their shape): (report, declined, why they are bad)."""
     try:
         expect = expect or Expect()
-        claimed, declined, why = _client_fields(metrics.get("client-id", ""), metrics.get("declined", ""), expect)
+        claimed, declined, why = _client_fields(metrics.get(wire.CLIENT_ID, ""), metrics.get(wire.DECLINED, ""), expect)
         if why:
             return None, "", why
         report = None
-        if "report" in metrics:
-            report, why = check_report(metrics["report"], expect.client_id or claimed)
+        if wire.REPORT in metrics:
+            report, why = check_report(metrics[wire.REPORT], expect.client_id or claimed)
             if why:
                 return None, declined, why
         if not declined:
-            for key in ("train-loss", "steps"):
+            for key in (wire.TRAIN_LOSS, wire.STEPS):
                 lo, hi, integer = TRAIN_RANGES[key]
                 if not number_in(metrics.get(key), lo, hi, integer):
                     return report, "", f"metric {key}: {say(repr(metrics.get(key)), 40)} is not a number in range"

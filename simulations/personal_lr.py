@@ -20,12 +20,13 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from client import runtime
+from fedllm.data import load_clients
+from fedllm.worker import examples_for, worker_for
 from fedllm.evaluate import evaluate
 from fedllm.model import adapter_state, load_adapter_state
 from fedllm.personal import stacked_personal_adapter
 from fedllm.train import loader_for, make_optimizer, train_local
-from simulations.runner import load_experiment
+from fedllm.simulate import load_experiment
 
 
 def main() -> None:
@@ -35,17 +36,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     config = load_experiment(None, {"privacy.enabled": "false"})
-    worker = runtime.worker_for(config)
+    worker = worker_for(config)
     saved = load_file(str(args.checkpoint / "adapter_model.safetensors"))
     global_state = {k: saved[k] for k in adapter_state(worker.model)}
-    clients = runtime.load_clients(config)
+    clients = load_clients(config)
     clients = clients[:: max(1, len(clients) // args.clients)][: args.clients]
     pad = worker.tokenizer.pad_token_id
     for method in ("finetune", "adapter"):
         for lr in (1e-3, 3e-3, 1e-2):
             gains: dict[int, list[float]] = {s: [] for s in range(2, args.steps + 1, 2)}
             for client in clients:
-                train, _ = runtime.examples_for(worker, client, config.model.max_length)
+                train, _ = examples_for(worker, client, config.model.max_length)
                 n_val = max(2, len(train) // 5)
                 fit, val = train[:-n_val], train[-n_val:]
                 load_adapter_state(worker.model, global_state)

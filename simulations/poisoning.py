@@ -41,7 +41,7 @@ def held_out_loss(run_dir: Path) -> float:
 
 def run(name: str, overrides: dict[str, Any], run_dir: Path, poisoned: bool) -> dict[str, Any]:
     """One tiny run (every client every round, no DP noise so that runs compare exactly)."""
-    from simulations.runner import experiment_path, load_experiment, simulate
+    from fedllm.simulate import experiment_path, load_experiment, simulate
 
     values = {"clients-per-round": 6, "privacy.enabled": False, **overrides}
     summary = simulate(load_experiment(experiment_path("tiny.toml"), values), run_dir,

@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY
 from fedllm.cli import main
 from fedllm.privacy import chain
-from fedllm.privacy.audit import audit_path
+from fedllm.audit.records import audit_path
 from fedllm.privacy.ledger import Ledger, LedgerError
 
 HEADER = dict(client_id="c1", num_records=40, delta=1e-5, target_epsilon=8.0, noise_multiplier=1.1, sample_rate=0.2,
@@ -74,7 +74,7 @@ def test_ledger_refuses_a_broken_chain_and_upgrades_version_1(tmp_path):
 def private_run(tmp_path_factory, cache_dir) -> Path:
     """A private run with sampling (3 of 6 clients a round) and personalisation; record-
     and user-level DP, under secure aggregation."""
-    from simulations.runner import load_experiment, simulate
+    from fedllm.simulate import load_experiment, simulate
 
     run_dir = tmp_path_factory.mktemp("audited") / "run"
     simulate(load_experiment(TINY, {"privacy.target-epsilon": 4.0, "personal.method": "finetune",
@@ -165,7 +165,7 @@ def test_audit_refuses_what_it_cannot_audit(tmp_path, capsys):
 def test_lower_bound_matches_the_closed_form_and_is_monotone():
     import math
 
-    from fedllm.privacy.canary import epsilon_lower_bound, p_value
+    from fedllm.audit.canary import epsilon_lower_bound, p_value
 
     # All r guesses right, delta = 0: P = q^r, so the bound is logit(0.05 ** (1 / r)).
     for r in (20, 100):
@@ -179,7 +179,7 @@ def test_lower_bound_matches_the_closed_form_and_is_monotone():
 
 
 def test_guesses_take_the_extremes():
-    from fedllm.privacy.canary import guess
+    from fedllm.audit.canary import guess
 
     g = guess([0.9, -1.0, 0.1, 2.0, -0.5, 0.0], [True, False, True, False, False, True], 4)
     assert g.guess == [1, -1, 0, 1, -1, 0] and g.made == 4 and g.correct == 3

@@ -1,4 +1,5 @@
-"""Hostile replies through the real server round code (`Rounds.train_round` / `evaluate`),
+"""Hostile replies through the real server round code (`Server.train_round` / `evaluate`:
+collection, validation and the aggregation steps),
 on Flower's own Message and Array types with raw bytes where a wire message could carry
 them. A seeded generator makes over 1,000 replies in 20+ families; each round mixes one
 hostile reply with three honest ones. Nothing may raise, nothing hostile may be accepted,
@@ -19,9 +20,11 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedllm.config import Config
 from fedllm.privacy.ledger import Ledger
 from fedllm.privacy.report import client_report
-from server.rounds import EVAL_METRICS, Rounds
+from fedllm import aggregate
+from fedllm.messages import EVAL_METRICS
+from server.checkpoint import save_server_state
+from server.round_loop import Server
 from server.sampling import NodeInfo
-from server.strategies import make_strategy
 
 HONEST = (2, 3, 4)
 HOSTILE = 1
@@ -74,9 +77,9 @@ def rounds(tiny_llama, tmp_path_factory):
     config = Config.from_flat({"model.name": str(tiny_llama), "num-clients": 4, "clients-per-round": 4,
                                "local-steps": STEPS, "evaluate.num-clients": 4, "lora.r": 2,
                                "privacy.delta": 1e-3})
-    r = Rounds(FakeGrid(), config, run_dir)
-    r.node_client = {n: f"client-{n}" for n in NODES}
-    r.infos = {n: NodeInfo(f"client-{n}", RECORDS, HELDOUT) for n in NODES}
+    r = Server(FakeGrid(), config, run_dir)
+    r.cohort.node_client = {n: f"client-{n}" for n in NODES}
+    r.cohort.infos.update({n: NodeInfo(f"client-{n}", RECORDS, HELDOUT) for n in NODES})
     reports = {}
     for n in NODES:
         ledger = Ledger.open(run_dir / "ledgers" / f"{n}.json", client_id=f"client-{n}", num_records=RECORDS,
@@ -201,8 +204,9 @@ def _declined_with_update(r, nrng) -> RecordDict:
 def _train(r, strategy_name: str, replies: dict, extra=()) -> tuple[dict, ArrayRecord]:
     r.arrays = r.initial
     r.grid.replies, r.grid.extra = replies, list(extra)
-    strategy = make_strategy(r.config.with_values({"strategy.name": strategy_name}))
-    record = r.train_round(1, strategy, NODES)
+    r.config = r.cohort.config = r.config.with_values({"strategy.name": strategy_name})
+    r.optimizer = aggregate.make_optimizer(r.config.strategy)
+    record = r.train_round(1, NODES)
     return record, r.arrays
 
 
@@ -291,21 +295,21 @@ def test_hostile_evaluate_replies_never_crash_the_summary(rounds):
 def test_a_ledger_that_starts_over_is_flagged(rounds):
     r = rounds
     first = dict(r.test_reports[2])
-    r.record_privacy("client-2", first)
-    r.record_privacy("client-2", {**first, "genesis": "f" * 64})
-    assert r.privacy_summary()["restarted_ledgers"] == {"client-2": ["f" * 64]}
+    r.books.record_privacy("client-2", first)
+    r.books.record_privacy("client-2", {**first, "genesis": "f" * 64})
+    assert r.books.privacy_summary(True, r.run_id)["restarted_ledgers"] == {"client-2": ["f" * 64]}
 
 
 def test_the_genesis_registry_flags_a_ledger_that_started_over_in_an_earlier_run(rounds, tmp_path):
     registry = tmp_path / "genesis.json"
     registry.write_text(json.dumps({"client-3": "a" * 64}))
-    r = Rounds(FakeGrid(), rounds.config.with_values({"privacy.genesis-registry": str(registry)}), tmp_path / "run")
-    r.record_privacy("client-3", rounds.test_reports[3])
-    assert list(r.restarted_ledgers) == ["client-3"]
-    r.save_server_state(0, make_strategy(r.config))
+    r = Server(FakeGrid(), rounds.config.with_values({"privacy.genesis-registry": str(registry)}), tmp_path / "run")
+    r.books.record_privacy("client-3", rounds.test_reports[3])
+    assert list(r.books.restarted_ledgers) == ["client-3"]
+    save_server_state(r, 0)
     assert json.loads(registry.read_text()) == {"client-3": rounds.test_reports[3]["genesis"]}
     registry.write_text("[1, 2]")
     from fedllm.errors import FedllmError
 
     with pytest.raises(FedllmError, match="genesis-registry"):
-        Rounds(FakeGrid(), r.config, tmp_path / "run2")
+        Server(FakeGrid(), r.config, tmp_path / "run2")

@@ -8,19 +8,23 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY
+from fedllm.client_round import Request, client_data, train_round
+from fedllm.worker import examples_for
+from fedllm.personal_round import personalise
 
 OUTPUTS = """
 import sys, torch
-from client import runtime
+from fedllm.client_round import client_data
+from fedllm.worker import examples_for, worker_for
 from fedllm.data.tokens import collate
 from fedllm.personal import load_state, stacked_personal_adapter
 from fedllm.state import StateStore
-from simulations.runner import load_experiment
+from fedllm.simulate import load_experiment
 config = load_experiment(sys.argv[1], {"personal.method": "adapter", "privacy.state-dir": sys.argv[2],
                                        "privacy.enabled": "false"})
-worker = runtime.worker_for(config)
-data = runtime.client_data(config, 0)
-_, heldout = runtime.examples_for(worker, data, config.model.max_length)
+worker = worker_for(config)
+data = client_data(config, 0)
+_, heldout = examples_for(worker, data, config.model.max_length)
 from fedllm.model import load_adapter_state
 load_adapter_state(worker.model, torch.load(sys.argv[3]))
 state = load_state(StateStore(sys.argv[2], data.client_id).personal_path("adapter"))
@@ -32,17 +36,16 @@ torch.save(logits, sys.argv[4])
 
 @pytest.fixture()
 def setup(tmp_path, cache_dir):
-    from client import runtime
+    from fedllm import worker as workers
     from fedllm.model import resolve_base
-    from simulations.runner import load_experiment
+    from fedllm.simulate import load_experiment
 
     def make(**overrides):
         values = {"privacy.state-dir": str(tmp_path / "state"), **overrides}
         config = load_experiment(TINY, values)
         resolve_base(config, progress=False)
-        runtime._WORKERS.clear()
-        worker = runtime.worker_for(config)
-        return config, runtime, worker
+        workers.reset()
+        return config, None, workers.worker_for(config)
 
     return make
 
@@ -52,20 +55,20 @@ def test_personal_adapter_is_kept_and_reloaded_after_a_restart(setup, tmp_path):
     from fedllm.personal import load_state, stacked_personal_adapter
     from fedllm.state import StateStore
 
-    config, runtime, worker = setup(**{"personal.method": "adapter", "privacy.enabled": "false",
+    config, _, worker = setup(**{"personal.method": "adapter", "privacy.enabled": "false",
                                        "personal.early-stopping": "false"})
     global_state = {k: v + 0.01 * torch.randn_like(v) for k, v in worker.initial.items()}
-    metrics, report = runtime.personalise_client(config, 0, global_state, server_round=1)
+    metrics, report = personalise(config, 0, global_state, Request(1))
     assert report is None  # DP is off here
     assert metrics["personal-declined"] == 0.0 and metrics["personal-perplexity"] > 0
-    data = runtime.client_data(config, 0)
+    data = client_data(config, 0)
     store = StateStore(tmp_path / "state", data.client_id)
     state = load_state(store.personal_path("adapter"))
     assert state and store.local_only_path.exists()
 
     # in this process, with the stored personal adapter on top of the global one ...
     from fedllm.model import load_adapter_state
-    _, heldout = runtime.examples_for(worker, data, config.model.max_length)
+    _, heldout = examples_for(worker, data, config.model.max_length)
     load_adapter_state(worker.model, global_state)
     with stacked_personal_adapter(worker.model, config.personal, config.lora, state, seed=123), torch.no_grad():
         here = worker.model(**collate(heldout[:2], worker.tokenizer.pad_token_id)).logits
@@ -85,12 +88,12 @@ def test_ditto_continues_from_its_stored_personal_weights(setup, tmp_path):
     from fedllm.personal import load_state
     from fedllm.state import StateStore
 
-    config, runtime, worker = setup(**{"personal.method": "ditto", "privacy.enabled": "false",
+    config, _, worker = setup(**{"personal.method": "ditto", "privacy.enabled": "false",
                                        "personal.early-stopping": "false"})
-    store = StateStore(tmp_path / "state", runtime.client_data(config, 1).client_id)
-    runtime.personalise_client(config, 1, worker.initial, server_round=1)
+    store = StateStore(tmp_path / "state", client_data(config, 1).client_id)
+    personalise(config, 1, worker.initial, Request(1))
     first = load_state(store.personal_path("ditto"))
-    runtime.personalise_client(config, 1, worker.initial, server_round=2)
+    personalise(config, 1, worker.initial, Request(2))
     second = load_state(store.personal_path("ditto"))
     assert any(not torch.equal(first[k], worker.initial[k]) for k in first)
     assert any(not torch.equal(first[k], second[k]) for k in first)
@@ -100,10 +103,10 @@ def test_personal_steps_are_charged_to_the_ledger(setup, tmp_path):
     from fedllm.privacy.ledger import Ledger
     from fedllm.state import StateStore
 
-    config, runtime, worker = setup(**{"personal.method": "finetune", "personal.steps": 3})
-    update = runtime.train_client(config, 2, worker.initial, server_round=1)
-    runtime.personalise_client(config, 2, worker.initial, server_round=2)
-    ledger = Ledger.load(StateStore(tmp_path / "state", update.data.client_id).ledger_path)
+    config, _, worker = setup(**{"personal.method": "finetune", "personal.steps": 3})
+    update = train_round(config, 2, worker.initial, Request(1))
+    personalise(config, 2, worker.initial, Request(2))
+    ledger = Ledger.load(StateStore(tmp_path / "state", update.client_id).ledger_path)
     assert [(c.round, c.kind, c.steps) for c in ledger.history] == [
         (1, "train", config.local_steps), (2, "personal", 3), (2, "local-only", 3)]
     assert ledger.epsilon() <= ledger.target_epsilon
@@ -114,7 +117,7 @@ def test_nothing_personal_leaves_the_device(tmp_path, cache_dir):
     """Every message a client sends: train replies carry exactly the global adapter's keys
     (its delta), evaluate and query replies carry no tensor at all."""
     import recording_client
-    from simulations.runner import load_experiment, simulate
+    from fedllm.simulate import load_experiment, simulate
 
     run_dir = tmp_path / "run"
     config = load_experiment(TINY, {"personal.method": "adapter", "clients-per-round": 3})

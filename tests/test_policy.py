@@ -168,7 +168,7 @@ def test_charge_must_equal_what_ran():
 def test_simulated_devices_refuse_a_server_asking_for_more(tmp_path, cache_dir):
     """On Flower's simulation engine: the server asks for target 9 and twice the batch size;
     every device (the run's config: target 8) refuses before charging; no ledger exists."""
-    from simulations.runner import load_experiment, simulate
+    from fedllm.simulate import load_experiment, simulate
 
     devices = load_experiment(TINY, {"num-server-rounds": 1})
     server = devices.with_values({"privacy.target-epsilon": 9.0, "train.batch-size": 16})

@@ -14,7 +14,7 @@ from fedllm.config import LoraConfig
 from fedllm.data.tokens import encode
 from fedllm.model import adapter_state, attach_lora, load_base
 from fedllm.privacy.accounting import calibrate, epsilon
-from fedllm.privacy.audit import recompute_epsilon
+from fedllm.audit.evidence import recompute_epsilon
 from fedllm.privacy.engine import PrivacyError, check_adapter_moved, make_private, poisson_sample_rate
 from fedllm.privacy.events import Charge
 from fedllm.privacy.ledger import Ledger, LedgerError
@@ -92,7 +92,7 @@ def test_dp_sgd_moves_only_lora_and_uses_poisson_sampling(tiny_llama):
     private = make_private(model, optimizer, loader, noise_multiplier=1.0, max_grad_norm=1.0)
     assert private.sample_rate == poisson_sample_rate(len(TEXTS), 4) == 1 / 3
     try:
-        train_local(model, private.loader, private.optimizer, steps=5)
+        train_local(model, private.loader, private.optimizer, steps=5, on_empty=private.noise_step)
     finally:
         private.close()
     check_adapter_moved(before, adapter_state(model))
@@ -105,7 +105,7 @@ def test_empty_poisson_batches_take_a_noise_only_step(tiny_llama):
     private = make_private(model, optimizer, loader, noise_multiplier=1.0, max_grad_norm=1.0)
     torch.manual_seed(0)
     try:
-        result = train_local(model, private.loader, private.optimizer, steps=30)  # P(empty) = 1/4 per step
+        result = train_local(model, private.loader, private.optimizer, steps=30, on_empty=private.noise_step)  # P(empty) = 1/4 per step
     finally:
         private.close()
     assert result.steps == 30 and result.num_examples < 60
@@ -140,15 +140,15 @@ def test_non_poisson_sampling_is_refused(tiny_llama, monkeypatch):
 
 CRASHING_CLIENT = """
 import sys
-from client import runtime
-from fedllm.model import adapter_state, attach_lora, load_base
-from simulations.runner import load_experiment
+from fedllm.client_round import Request, train_round
+from fedllm.model import adapter_state, attach_lora, load_base, resolve_base
+from fedllm.simulate import load_experiment
 config = load_experiment(sys.argv[1], {"local-steps": 100000, "privacy.state-dir": sys.argv[2],
                                        "privacy.planned-rounds": 1})
-base = runtime.resolve_base(config)
+base = resolve_base(config)
 model, _ = load_base(base)
 state = adapter_state(attach_lora(model, config.lora, config.seed))
-runtime.train_client(config, 0, state, server_round=1)
+train_round(config, 0, state, Request(server_round=1))
 """
 
 
@@ -158,7 +158,7 @@ def test_killed_client_never_under_reports(tmp_path, cache_dir):
     from conftest import ROOT, TINY
 
     from fedllm.model import resolve_base
-    from simulations.runner import load_experiment
+    from fedllm.simulate import load_experiment
 
     resolve_base(load_experiment(TINY, {}), progress=False)  # build the tiny base first
     state = tmp_path / "state"

@@ -13,8 +13,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedllm.config import Config
 from fedllm.errors import FedllmError
 from fedllm.rundir import RunDir
-from server.rounds import Rounds
-from server.strategies import make_strategy
+from server.checkpoint import resume, save_server_state
+from server.round_loop import Server
 
 
 class _Planted:
@@ -29,35 +29,24 @@ class _Planted:
 
 @pytest.fixture()
 def saved(tiny_llama, tmp_path):
-    """A run directory after round 1 of a FedAdam run (so there is strategy state to save)."""
+    """A run directory after round 1 of a FedAdam run (so there is optimizer state to save)."""
     import numpy as np
-
-    from flwr.app import ConfigRecord
-    from server.strategies import weights_message
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     config = Config.from_flat({"model.name": str(tiny_llama), "num-clients": 4, "clients-per-round": 2,
                                "strategy.name": "fedadam", "lora.r": 2})
-    rounds = Rounds(None, config, tmp_path / "run")
-    strategy = make_strategy(rounds.config)
-
-    class Grid:
-        def get_node_ids(self):
-            return [1, 2]
-
-    strategy.configure_train(1, rounds.arrays, ConfigRecord({}), Grid())
-    delta = {k: np.full(v.shape, 0.01, np.float32) for k, v in rounds.arrays.items()}
-    rounds._aggregate(strategy, 1, [weights_message(rounds.arrays, delta, 1)])
+    rounds = Server(None, config, tmp_path / "run")
+    rounds.apply(1, {k: np.full(v.shape, 0.01) for k, v in rounds.arrays.items()})
     rounds.run.write_config(rounds.config)
     rounds.run.append_metrics({"round": 0, "run_id": rounds.run_id, "evaluate": {"clients": {}, "mean": {}}})
     rounds.run.append_metrics({"round": 1, "train": {}})
-    rounds.save_server_state(1, strategy)
-    return rounds.config, tmp_path / "run", strategy
+    save_server_state(rounds, 1)
+    return rounds.config, tmp_path / "run", rounds.optimizer
 
 
 def _resume(config: Config, run_dir):
-    rounds = Rounds(None, config, run_dir)
-    return rounds, *rounds.resume(make_strategy(config))
+    rounds = Server(None, config, run_dir)
+    return rounds, resume(rounds), rounds.optimizer
 
 
 def test_resume_restores_strategy_state_without_pickle(saved):
@@ -67,8 +56,8 @@ def test_resume_restores_strategy_state_without_pickle(saved):
     assert not list(run_dir.rglob("*.pkl"))
     rounds, done, strategy = _resume(config, run_dir)
     assert done == 1
-    for name in ("m_t", "v_t", "current_arrays"):
-        a, b = getattr(before, name), getattr(strategy, name)
+    for name in ("m_t", "v_t"):
+        a, b = before.state[name], strategy.state[name]
         assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a), name
 
 

@@ -53,7 +53,7 @@ def test_secure_rounds_mask_each_update_sum_exactly_and_survive_dropouts(tmp_pat
     """10 clients, all sampled, 2 crash mid-round in every round; no noise (multiplier 0)
     so the server's update is exactly the sum of the survivors' clipped deltas / 10."""
     import secure_client
-    from simulations.runner import load_experiment, simulate
+    from fedllm.simulate import load_experiment, simulate
 
     run_dir = tmp_path / "run"
     config = load_experiment(TINY, {

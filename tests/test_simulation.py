@@ -93,7 +93,7 @@ def test_simulate_end_to_end(tmp_path, cache_dir, capsys):
 
 def test_malformed_updates_are_dropped_and_the_round_completes(tmp_path, cache_dir):
     import faulty_client
-    from simulations.runner import load_experiment, simulate
+    from fedllm.simulate import load_experiment, simulate
 
     config = load_experiment(TINY, {"clients-per-round": 6})
     summary = simulate(config, tmp_path / "run", client_app=faulty_client.app)
@@ -113,8 +113,8 @@ def test_malformed_updates_are_dropped_and_the_round_completes(tmp_path, cache_d
 def test_private_run_reports_recomputable_epsilons_and_clients_decline(tmp_path, cache_dir):
     """Every client trains every round; the noise is planned for 2 participations, so in
     round 3 every client would exceed its budget and declines; the run still completes."""
-    from fedllm.privacy.audit import recompute_epsilon
-    from simulations.runner import load_experiment, simulate
+    from fedllm.audit.evidence import recompute_epsilon
+    from fedllm.simulate import load_experiment, simulate
 
     run_dir = tmp_path / "run"
     config = load_experiment(TINY, {"clients-per-round": 6, "num-server-rounds": 3, "privacy.planned-rounds": 2,
@@ -148,7 +148,7 @@ def test_a_restarted_run_continues_from_its_last_completed_round(tmp_path, cache
     import torch
 
     from fedllm.personal import load_state
-    from simulations.runner import load_experiment, simulate
+    from fedllm.simulate import load_experiment, simulate
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     simulate(load_experiment(TINY, {"privacy.enabled": False}), straight)

@@ -5,9 +5,6 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedllm.config import Config
-from server.rounds import _float32
-from server.strategies import make_strategy, weights_message
 from server.validation import AdapterSpec, check_train_reply
 
 SPEC = AdapterSpec({"a.lora_A.weight": (2, 4), "a.lora_B.weight": (4, 2)})
@@ -66,23 +63,3 @@ def test_error_reply_is_dropped_with_its_reason():
     sent = Message(content=RecordDict(), dst_node_id=3, message_type=MessageType.TRAIN)
     reply = Message(Error(code=0, reason="client crashed"), reply_to=sent)
     assert "client crashed" in check_train_reply(reply, SPEC).reason
-
-
-def test_deltas_aggregate_to_global_plus_weighted_mean_delta():
-    config = Config.from_flat({"num-clients": 10, "clients-per-round": 2})
-    strategy = make_strategy(config)
-    glob = ArrayRecord({k: Array(np.ones(s, np.float32)) for k, s in SPEC.shapes.items()})
-    r1 = weights_message(glob, {k: np.full(s, 1.0, np.float32) for k, s in SPEC.shapes.items()}, 1)
-    r2 = weights_message(glob, {k: np.full(s, 4.0, np.float32) for k, s in SPEC.shapes.items()}, 3)
-    arrays, _ = strategy.aggregate_train(1, [r1, r2])
-    for k in SPEC.shapes:
-        np.testing.assert_allclose(arrays[k].numpy(), 1 + (1 * 1 + 3 * 4) / 4)
-
-
-def test_fedadam_result_stays_float32():
-    config = Config.from_flat({"num-clients": 10, "clients-per-round": 2, "strategy.name": "fedadam"})
-    strategy = make_strategy(config)
-    glob = ArrayRecord({k: Array(np.ones(s, np.float32)) for k, s in SPEC.shapes.items()})
-    strategy.current_arrays = {k: v.numpy() for k, v in glob.items()}
-    arrays, _ = strategy.aggregate_train(1, [weights_message(glob, _good(), 10)])
-    assert all(v.dtype == "float32" for v in _float32(arrays).values())

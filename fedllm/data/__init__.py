@@ -24,4 +24,9 @@ def load_clients(config) -> list[ClientData]:
     return select_clients(list(eligible), config.num_clients, config.seed, d.min_records)
 
 
-__all__ = ["ClientData", "load_clients"]
+def forget_clients() -> None:
+    """Drop the cached clients (a cold worker reads its data again)."""
+    _eligible.cache_clear()
+
+
+__all__ = ["ClientData", "forget_clients", "load_clients"]

@@ -2,7 +2,7 @@
 
 Opacus' accountants are the primary ones (PRV by default: tight, and it agrees with
 dp-accounting's PLD to about 0.2%). The independent recomputation with dp-accounting
-lives in `fedllm.privacy.audit`, which reads only the files.
+lives in `fedllm.audit`, which reads only the files.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ def _history(charges: Sequence[Charge]) -> list[tuple[float, float, int]]:
     return [(sigma, q, steps) for (sigma, q), steps in merged.items()]
 
 
-def epsilon(charges: Sequence[Charge], delta: float, accountant: str = "prv") -> float:
-    """Epsilon of all charges composed, with Opacus' `accountant` ("prv" or "rdp")."""
+def epsilon(charges: Sequence[Charge], delta: float, accountant: str = "prv",
+            relative_error: float | None = None) -> float:
+    """Epsilon of all charges composed, with Opacus' `accountant` ("prv" or "rdp").
+    `relative_error` refines PRV's error bound to that fraction of epsilon (a small
+    epsilon, as user-level claims have, is otherwise a few percent off)."""
     from opacus.accountants import create_accountant
 
     history = _history(charges)
@@ -37,7 +40,10 @@ def epsilon(charges: Sequence[Charge], delta: float, accountant: str = "prv") ->
         return 0.0
     acc = create_accountant(accountant)
     acc.history = history
-    return float(acc.get_epsilon(delta=delta))
+    rough = float(acc.get_epsilon(delta=delta))
+    if accountant != "prv" or relative_error is None:
+        return rough
+    return float(acc.get_epsilon(delta=delta, eps_error=max(1e-5, relative_error * rough)))
 
 
 MIN_NOISE_MULTIPLIER = 0.3  # below this, calibration's accountants slow without bound, and no privacy is left

@@ -74,6 +74,15 @@ class Private:
             raise PrivacyError("the ledger's charge differs from what ran (" + "; ".join(differ) + "); this round's "
                                "report would be false, so it is not sent")
 
+    def noise_step(self, batch) -> bool:
+        """Take the step of an empty Poisson batch (noise alone) and say so; False for a
+        batch with records, which the training loop steps as usual."""
+        if not is_empty(batch):
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        noise_only_step(self.optimizer)
+        return True
+
     def close(self) -> None:
         if self._step_hook is not None:
             self._step_hook.remove()

@@ -19,7 +19,8 @@ class Charge:
     noise_multiplier: float
     sample_rate: float
     steps: int
-    kind: str = "train"  # what the steps were for: "train" (shared), "personal" or "local-only"
+    kind: str = "train"  # what the steps were for: "train" (shared), "personal", "local-only", or
+    # "user-round": one round of user-level DP (sigma and q of the clipped sum; privacy/user_level.json)
     run: str = ""  # the server's run id: a state store outlives runs, round numbers do not
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,13 +11,12 @@ participation (each client joins independently with probability q, the draw kept
 secret by the server) rounds are Poisson-subsampled Gaussians and amplification is
 claimed; with a fixed number of clients per round it is not: every round counts as if
 every client took part. `privacy/user_level.json` holds everything needed to recompute
-the epsilon; `fedllm.privacy.audit` does so with dp-accounting.
+the epsilon; `fedllm.audit` does so with dp-accounting.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
@@ -25,6 +24,8 @@ from typing import Any
 import torch
 
 from fedllm.config import Config
+from fedllm.privacy import accounting
+from fedllm.privacy.events import Charge
 
 MECHANISM = ("DP-FedAvg: per-client L2 clipping of the whole adapter delta, Gaussian noise "
              "N(0, (noise_multiplier * clip)^2) added once per round to the sum of clipped deltas")
@@ -58,23 +59,22 @@ def check_delta(delta: float, population: int) -> None:
                           f"use user-dp.delta < {1.0 / population:.3g}")
 
 
+def rounds_as_charges(noise_multiplier: float, sample_rate: float, rounds: int, run: str = "") -> list[Charge]:
+    """User-level rounds in the record-level event schema: each round is one
+    Poisson-subsampled Gaussian step on the sum (sensitivity `clip`), kind "user-round"."""
+    return [Charge(r, noise_multiplier, sample_rate, 1, "user-round", run) for r in range(1, rounds + 1)]
+
+
 @lru_cache(maxsize=256)
 def epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float, accountant: str = "prv") -> float:
-    """Epsilon of `rounds` Gaussian rounds, Poisson-subsampled at `sample_rate` (1.0: none)."""
-    from opacus.accountants import create_accountant
-
-    if rounds == 0:
-        return 0.0
-    if noise_multiplier == 0:
+    """Epsilon of `rounds` Gaussian rounds, Poisson-subsampled at `sample_rate` (1.0: none):
+    the same accounting as a ledger's, over the same events."""
+    if rounds and noise_multiplier == 0:
         return math.inf
-    acc = create_accountant(accountant)
-    acc.history = [(noise_multiplier, sample_rate, rounds)]
-    if accountant != "prv":
-        return float(acc.get_epsilon(delta=delta))
     # PRV's default error (0.01 absolute) is several percent of a small user-level epsilon:
     # refine to 0.1% of it, so the claim is as tight as an auditor's recomputation.
-    rough = float(acc.get_epsilon(delta=delta))
-    return float(acc.get_epsilon(delta=delta, eps_error=max(1e-5, 1e-3 * rough)))
+    return accounting.epsilon(rounds_as_charges(noise_multiplier, sample_rate, rounds), delta, accountant,
+                              relative_error=1e-3)
 
 
 @dataclass(frozen=True)
@@ -94,15 +94,13 @@ class UserLevel:
 
     @classmethod
     def for_run(cls, config: Config, population: int) -> "UserLevel":
-        from fedllm.privacy.accounting import calibrate
-
         u = config.user_dp
         check_delta(u.delta, population)
         k = min(config.clients_per_round, population)
         q = k / population if u.sampling == "poisson" else 1.0
         sigma = u.noise_multiplier
         if u.target_epsilon > 0:
-            sigma = calibrate(u.target_epsilon, u.delta, q, config.num_server_rounds, config.privacy.accountant)
+            sigma = accounting.calibrate(u.target_epsilon, u.delta, q, config.num_server_rounds, config.privacy.accountant)
         return cls(noise_multiplier=sigma, clip=u.clip, sampling=u.sampling, sample_rate=q, population=population,
                    denominator=float(k), delta=u.delta, accountant=config.privacy.accountant,
                    secure_aggregation=config.secagg.enabled, target_epsilon=u.target_epsilon)
@@ -111,17 +109,11 @@ class UserLevel:
     def noise_std(self) -> float:
         return self.noise_multiplier * self.clip
 
-    def noisy_mean(self, total: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """(sum + N(0, noise_std^2)) / denominator. The noise comes from the OS's entropy
-        (torch's default generator, reseeded here), never from the run's public seed."""
-        gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-        return {k: ((t.double() + torch.randn(t.shape, generator=gen, dtype=torch.float64) * self.noise_std)
-                    / self.denominator).to(torch.float32) for k, t in total.items()}
-
     def epsilon(self, rounds: int) -> float:
         return epsilon(self.noise_multiplier, self.sample_rate, rounds, self.delta, self.accountant)
 
-    def report(self, rounds: int, rounds_planned: int, secagg: dict[str, Any] | None = None) -> dict[str, Any]:
+    def report(self, rounds: int, rounds_planned: int, secagg: dict[str, Any] | None = None,
+               run: str = "") -> dict[str, Any]:
         """user_level.json: what an auditor needs to recompute the epsilon, and what it covers."""
         from importlib.metadata import version
 
@@ -139,6 +131,7 @@ class UserLevel:
                               "fixed: a fixed number of clients per round; no amplification by sampling claimed "
                               "(sample_rate 1.0: each round counts as if every client took part)"),
             "rounds": rounds,
+            "history": [c.to_dict() for c in rounds_as_charges(self.noise_multiplier, self.sample_rate, rounds, run)],
             "rounds_planned": rounds_planned,
             "epsilon": eps if math.isfinite(eps) else None,
             "epsilon_planned": self.epsilon(rounds_planned) if self.noise_multiplier else None,

@@ -24,9 +24,11 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedllm import atomic
+from fedllm import messages as wire
+from fedllm.audit.canary import epsilon_lower_bound, guess, make_canaries, record_losses
 from fedllm.errors import ConfigError
 from fedllm.personal import load_state, save_state
-from fedllm.privacy.canary import epsilon_lower_bound, guess, make_canaries, record_losses
+from fedllm.simulate import component, load_experiment, simulate
 from fedllm.state import safe_name
 
 CONFIDENCE = 0.95
@@ -36,37 +38,36 @@ observer = ClientApp()
 
 def _keep_update(msg: Message, reply: Message) -> None:
     """Store the delta a train reply carries, and the global adapter it answered."""
-    if reply.has_error() or "arrays" not in reply.content.array_records:
+    if reply.has_error() or wire.ARRAYS not in reply.content.array_records:
         return  # an error or a decline: nothing left the device
-    config = msg.content["config"]
-    folder = Path(str(config["run-dir"])) / "audit" / "updates" / f"round-{int(config['server-round'])}"
-    client = safe_name(str(reply.content["client"]["client-id"]))
-    save_state(folder / "deltas" / f"{client}.safetensors", reply.content["arrays"].to_torch_state_dict())
+    config = msg.content[wire.CONFIG]
+    folder = Path(str(config["run-dir"])) / "audit" / "updates" / f"round-{int(config[wire.SERVER_ROUND])}"
+    client = safe_name(str(reply.content[wire.CLIENT][wire.CLIENT_ID]))
+    save_state(folder / "deltas" / f"{client}.safetensors", reply.content[wire.ARRAYS].to_torch_state_dict())
     if not (folder / "global.safetensors").exists():
-        save_state(folder / "global.safetensors", msg.content["arrays"].to_torch_state_dict())
+        save_state(folder / "global.safetensors", msg.content[wire.ARRAYS].to_torch_state_dict())
+
+
+def _device(msg: Message, context: Context) -> Message:
+    """The real ClientApp, loaded as `flwr run` loads it (the `clientapp` component)."""
+    return component("clientapp")(msg, context)
 
 
 @observer.train()
 def _train(msg: Message, context: Context) -> Message:
-    from client.app import train
-
-    reply = train(msg, context)
+    reply = _device(msg, context)
     _keep_update(msg, reply)
     return reply
 
 
 @observer.evaluate()
 def _evaluate(msg: Message, context: Context) -> Message:
-    from client.app import evaluate
-
-    return evaluate(msg, context)
+    return _device(msg, context)
 
 
 @observer.query()
 def _query(msg: Message, context: Context) -> Message:
-    from client.app import query
-
-    return query(msg, context)
+    return _device(msg, context)
 
 
 def write_canary_data(config, folder: Path, m: int, seed: int) -> list[dict[str, Any]]:
@@ -147,8 +148,6 @@ def score(run_dir: Path, config, canaries: list[dict[str, Any]]) -> tuple[list[f
 
 def run(config_path: Path | None, overrides: dict[str, Any], run_dir: Path, m: int = 1000,
         r: int | None = None, seed: int | None = None) -> dict[str, Any]:
-    from simulations.runner import load_experiment, simulate
-
     if m < 2:
         raise ConfigError(f"--canaries={m}: give at least 2 canaries (hundreds give a useful bound)")
     r = r if r is not None else max(2, (m // 10) // 2 * 2)

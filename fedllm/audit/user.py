@@ -9,11 +9,13 @@ sampling claim with the run's config.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
+
+from fedllm.audit.evidence import Audit, Checker, ClientEpsilon, read_json, recompute_epsilon, type_ok
+from fedllm.errors import FedllmError
+from fedllm.rundir import RunDir
 
 SUBJECT = "user-level"
 USER_CHECKS = ("fields", "sampling", "delta", "rounds", "noise", "epsilon-pld", "epsilon-rdp", "target")
@@ -22,20 +24,31 @@ USER_REQUIRED = {"noise_multiplier": float, "clip": float, "sampling": str, "sam
                  "noise_std": float}
 
 
-def _train_records(run_dir: Path) -> list[dict[str, Any]]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [m for m in map(json.loads, filter(str.strip, lines)) if "train" in m]
+def _rounds_history(report: Mapping[str, Any], check: Checker) -> list[Mapping[str, Any]]:
+    """The report's rounds as events of the record-level schema (one Poisson-sampled
+    Gaussian per round, `kind` "user-round"), checked against its mechanism; a report
+    written before `history` existed is expanded from (sigma, q, rounds)."""
+    sigma, q, rounds = report["noise_multiplier"], report["sample_rate"], report["rounds"]
+    history = report.get("history")
+    if history is None:
+        return [{"round": r, "noise_multiplier": sigma, "sample_rate": q, "steps": 1, "kind": "user-round"}
+                for r in range(1, rounds + 1)]
+    ok = isinstance(history, list) and len(history) == rounds and all(
+        isinstance(e, Mapping) and type_ok(e.get("noise_multiplier"), float) and type_ok(e.get("sample_rate"), float)
+        and e.get("steps") == 1 and e.get("kind") == "user-round" and math.isclose(e["noise_multiplier"], sigma)
+        and math.isclose(e["sample_rate"], q) for e in history)
+    check("fields", ok, "history", f"history should hold {rounds} user-round events of noise_multiplier {sigma} "
+                                   f"and sample_rate {q}, one step each")
+    return history if ok else []
 
 
-def check_user_level(audit, run_dir: Path, config: Mapping[str, Any]) -> None:
-    from fedllm.privacy.audit import ClientEpsilon, _Checker, _read_json, _recompute, _type_ok
-
-    check = _Checker(audit, SUBJECT)
-    report, why = _read_json(run_dir / "privacy" / "user_level.json")
+def check_user_level(audit: Audit, run: RunDir, config: Mapping[str, Any]) -> None:
+    check = Checker(audit, SUBJECT)
+    report, why = read_json(run.user_level_file)
     if not isinstance(report, dict):
         check("fields", False, "privacy/user_level.json", why or "not a JSON object")
         return
-    bad = [k for k, kind in USER_REQUIRED.items() if not _type_ok(report.get(k), kind)]
+    bad = [k for k, kind in USER_REQUIRED.items() if not type_ok(report.get(k), kind)]
     if not check("fields", not bad, ",".join(bad), f"missing or mistyped: {bad}"):
         return
     sigma, clip, q, rounds = report["noise_multiplier"], report["clip"], report["sample_rate"], report["rounds"]
@@ -53,8 +66,8 @@ def check_user_level(audit, run_dir: Path, config: Mapping[str, Any]) -> None:
     check("delta", delta < 1.0 / population, "delta", f"delta {delta} is not below 1/{population} clients")
 
     try:
-        train = _train_records(run_dir)
-    except (OSError, ValueError) as exc:
+        train = [m for m in run.metrics() if "train" in m]
+    except (OSError, FedllmError) as exc:
         check("rounds", False, "metrics.jsonl", f"unreadable: {exc!r}")
         train = None
     if train is not None:
@@ -72,8 +85,9 @@ def check_user_level(audit, run_dir: Path, config: Mapping[str, Any]) -> None:
         check("epsilon-rdp", None)
         check("target", None)
         return
-    pld = _recompute(((float(sigma), float(q), int(rounds)),), float(delta), "pld")
-    rdp = _recompute(((float(sigma), float(q), int(rounds)),), float(delta), "rdp")
+    history = _rounds_history(report, check)  # one recomputation for both claims: the same events
+    pld = recompute_epsilon(history, float(delta), "pld")
+    rdp = recompute_epsilon(history, float(delta), "rdp")
     audit.user_level = ClientEpsilon(claimed, pld, rdp, report.get("target_epsilon") or None)
     ok = isinstance(claimed, (int, float)) and abs(claimed - pld) <= audit.tolerance * max(pld, 1e-12)
     check("epsilon-pld", ok, "epsilon", f"claims {claimed}, dp-accounting PLD gives {pld:.4f}")

@@ -8,7 +8,9 @@ import html
 import statistics
 from pathlib import Path
 
-from fedllm.privacy.audit import CHECKS, RUN_CHECKS, Audit
+from fedllm.audit.evidence import Audit
+from fedllm.audit.records import CHECKS, RUN_CHECKS
+from fedllm.audit.user import SUBJECT, USER_CHECKS
 
 SHORT = {"fields": "fields", "versions": "vers", "privacy-unit": "unit", "sampling": "poisson", "chain": "chain",
          "delta": "delta", "epsilon-pld": "pld", "epsilon-rdp": "rdp", "target": "target", "rounds": "rounds",
@@ -55,7 +57,6 @@ HEADER = ["client", "claimed", "pld-eps", "rdp-eps", "target-eps"] + [SHORT[c] f
 
 def user_line(audit: Audit) -> str:
     """The user-level claim (privacy/user_level.json), when the run has one."""
-    from fedllm.privacy.audit_user import SUBJECT, USER_CHECKS
 
     if not any(f.client == SUBJECT for f in audit.findings):
         return ""

@@ -3,7 +3,7 @@
 
 m canary records are each included in training independently with probability 1/2.
 After training, the auditor scores every canary (loss before minus loss after: an
-included canary was learned, so its loss fell more; `simulations/canary_audit.py` says
+included canary was learned, so its loss fell more; `fedllm/audit/canary_run.py` says
 before and after what), guesses "in" for the r/2 highest
 scores and "out" for the r/2 lowest, and counts correct guesses. Under (eps, delta)-DP
 the number of correct guesses is stochastically dominated by Binomial(r, e^eps / (1 +

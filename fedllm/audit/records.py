@@ -10,17 +10,18 @@ field, so a failure says exactly what to look at.
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from fedllm.audit import chain
+from fedllm.audit.evidence import (Audit, Checker, ClientEpsilon, ServerRecord, read_json, recompute_epsilon,
+                                   server_records, type_ok)
+from fedllm.audit.user import check_user_level
 from fedllm.errors import FedllmError
-from fedllm.privacy import chain
+from fedllm.rundir import RunDir
+from fedllm.state import safe_name
 
 CHECKS = ("fields", "versions", "privacy-unit", "sampling", "chain", "delta", "epsilon-pld", "epsilon-rdp",
           "target", "rounds", "device-ledger")
@@ -34,162 +35,21 @@ REQUIRED = {
 VERSIONED = ("fedllm", "opacus", "torch", "dp-accounting")
 
 
-@dataclass
-class Finding:
-    client: str  # a client id, or "run" for checks of the run as a whole
-    check: str
-    status: str  # "pass", "fail" or "skip"
-    field: str = ""
-    message: str = ""
-
-
-@dataclass
-class ClientEpsilon:
-    """What the plots and the table need about one client."""
-
-    claimed: float | None
-    pld: float | None
-    rdp: float | None
-    target: float | None
-    by_round: list[tuple[int, float]] = field(default_factory=list)  # PLD epsilon after each round it spent in
-
-
-@dataclass
-class Audit:
-    source: Path
-    kind: str  # "run" or "state store"
-    tolerance: float
-    findings: list[Finding] = field(default_factory=list)
-    epsilons: dict[str, ClientEpsilon] = field(default_factory=dict)
-    user_level: ClientEpsilon | None = None  # privacy/user_level.json, when the run has user-level DP
-
-    @property
-    def failures(self) -> list[Finding]:
-        return [f for f in self.findings if f.status == "fail"]
-
-    @property
-    def clients(self) -> list[str]:
-        return sorted({f.client for f in self.findings if f.client not in ("run", "user-level")})
-
-    def status(self, client: str, check: str) -> str:
-        got = [f.status for f in self.findings if f.client == client and f.check == check]
-        return "fail" if "fail" in got else ("pass" if "pass" in got else "skip")
-
-
-# -- independent recomputation -----------------------------------------------------------
-def _mechanisms(history: list[Mapping[str, Any]]) -> tuple[tuple[float, float, int], ...]:
-    """(noise multiplier, sample rate, steps) per distinct mechanism, order-free."""
-    merged: dict[tuple[float, float], int] = {}
-    for e in history:
-        key = (float(e["noise_multiplier"]), float(e["sample_rate"]))
-        merged[key] = merged.get(key, 0) + int(e["steps"])
-    return tuple(sorted((s, q, n) for (s, q), n in merged.items() if n > 0))
-
-
-@lru_cache(maxsize=4096)
-def _recompute(mechanisms: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
-    import dp_accounting
-    from dp_accounting.pld import PLDAccountant
-    from dp_accounting.rdp import RdpAccountant
-
-    if not mechanisms:
-        return 0.0
-    logging.getLogger("absl").setLevel(logging.ERROR)  # RDP notes orders it drops; not a finding
-    # PLD's discretisation is pessimistic (never below the true epsilon); 1e-3 agrees with
-    # the default 1e-4 to 1e-5 here and is ten times faster.
-    acc = PLDAccountant(value_discretization_interval=1e-3) if accountant == "pld" else RdpAccountant()
-    acc.compose(dp_accounting.ComposedDpEvent([
-        dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
-        for sigma, q, steps in mechanisms
-    ]))
-    return float(acc.get_epsilon(delta))
-
-
-def recompute_epsilon(history: list[Mapping[str, Any]], delta: float, accountant: str = "pld") -> float:
-    """Epsilon of a report's `history` with dp-accounting ("pld" or "rdp")."""
-    return _recompute(_mechanisms(history), float(delta), accountant)
-
-
-# -- reading the evidence ------------------------------------------------------------------
-def _read_json(path: Path) -> tuple[Any, str]:
-    try:
-        return json.loads(path.read_text()), ""
-    except (OSError, ValueError) as exc:
-        return None, f"{path.name} is unreadable: {exc}"
-
-
-@dataclass
-class ServerRecord:
-    """What the server saw of one client, from metrics.jsonl and config.json."""
-
-    sampled: set[int] = field(default_factory=set)
-    accepted: dict[int, int | None] = field(default_factory=dict)  # round -> steps it reported
-    dropped: set[int] = field(default_factory=set)
-    declined: set[int] = field(default_factory=set)
-    personalised: dict[int, bool] = field(default_factory=dict)  # round -> charged personal steps
-
-
-def server_records(run_dir: Path) -> tuple[str, dict[str, ServerRecord]]:
-    """(run id, client -> ServerRecord) from the run's metrics.jsonl."""
-    records: dict[str, ServerRecord] = {}
-    run_id = ""
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        if not line.strip():
-            continue
-        m = json.loads(line)
-        r = int(m["round"])
-        run_id = m.get("run_id", run_id)
-        train = m.get("train", {})
-        for c in train.get("sampled", []):
-            records.setdefault(c, ServerRecord()).sampled.add(r)
-        steps = train.get("steps", [None] * len(train.get("clients", [])))
-        for c, s in zip(train.get("clients", []), steps):
-            records.setdefault(c, ServerRecord()).accepted[r] = s
-        for d in train.get("dropped", []):
-            records.setdefault(d["client_id"], ServerRecord()).dropped.add(r)
-        for d in train.get("declined", []):
-            records.setdefault(d["client_id"], ServerRecord()).declined.add(r)
-        for c, metrics in m.get("evaluate", {}).get("clients", {}).items():
-            if "personal-declined" in metrics:
-                records.setdefault(c, ServerRecord()).personalised[r] = not metrics["personal-declined"]
-    return run_id, records
-
-
-# -- the checks ----------------------------------------------------------------------------
-class _Checker:
-    def __init__(self, audit: Audit, client: str):
-        self.audit, self.client = audit, client
-
-    def __call__(self, check: str, ok: bool | None, field: str = "", message: str = "") -> bool:
-        status = "skip" if ok is None else ("pass" if ok else "fail")
-        self.audit.findings.append(Finding(self.client, check, status, field, message if status != "pass" else ""))
-        return bool(ok)
-
-
-def _type_ok(value: Any, kind: type) -> bool:
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
 def check_report(audit: Audit, report: Any, name: str, config: Mapping[str, Any] | None = None,
                  server: ServerRecord | None = None, run_id: str = "") -> None:
     """All per-client checks on one report (or ledger file) `report`, found under `name`."""
     client = report.get("client_id", name) if isinstance(report, dict) else name
-    check = _Checker(audit, str(client))
+    check = Checker(audit, str(client))
     if not isinstance(report, dict):
         check("fields", False, name, "not a JSON object")
         return
-    bad = [k for k, kind in REQUIRED.items() if not _type_ok(report.get(k), kind)]
+    bad = [k for k, kind in REQUIRED.items() if not type_ok(report.get(k), kind)]
     is_ledger = "epsilon" not in report  # a device's ledger file carries no claim
     if is_ledger:
         bad = [k for k in bad if k != "epsilon"]
     entry_bad = [f"history[{i}]" for i, e in enumerate(report.get("history") or [])
                  if not isinstance(e, dict) or not all(
-                     _type_ok(e.get(k), t) for k, t in (("round", int), ("steps", int), ("noise_multiplier", float),
+                     type_ok(e.get(k), t) for k, t in (("round", int), ("steps", int), ("noise_multiplier", float),
                                                         ("sample_rate", float)))]
     if not check("fields", not bad and not entry_bad, ", ".join(bad + entry_bad),
                  "missing or of the wrong type"):
@@ -257,7 +117,7 @@ def _by_round(history: list[Mapping[str, Any]], delta: float) -> list[tuple[int,
     return [(int(e["round"]), recompute_epsilon(history[: i + 1], delta, "pld")) for i, e in enumerate(history)]
 
 
-def _check_rounds(check: _Checker, history: list[Mapping[str, Any]], server: ServerRecord,
+def _check_rounds(check: Checker, history: list[Mapping[str, Any]], server: ServerRecord,
                   config: Mapping[str, Any], run_id: str) -> None:
     """The ledger's charges for this run against the rounds the server saw the client in."""
     mine = [(i, e) for i, e in enumerate(history) if e.get("run", "") == run_id]
@@ -301,11 +161,11 @@ def _check_rounds(check: _Checker, history: list[Mapping[str, Any]], server: Ser
 
 def _check_device(audit: Audit, report: Mapping[str, Any], ledger_path: Path) -> None:
     """The device's own ledger must extend the chain the server was shown."""
-    check = _Checker(audit, str(report["client_id"]))
+    check = Checker(audit, str(report["client_id"]))
     if not ledger_path.exists():
         check("device-ledger", None, "", f"no device ledger at {ledger_path}")
         return
-    ledger, why = _read_json(ledger_path)
+    ledger, why = read_json(ledger_path)
     if ledger is None:
         check("device-ledger", False, str(ledger_path), why)
         return
@@ -322,9 +182,9 @@ def _check_device(audit: Audit, report: Mapping[str, Any], ledger_path: Path) ->
           "entries were removed or rewritten on the device")
 
 
-def _run_checks(audit: Audit, run_dir: Path, reports: dict[str, dict], config: Mapping[str, Any]) -> None:
-    check = _Checker(audit, "run")
-    summary, why = _read_json(run_dir / "privacy" / "summary.json")
+def _run_checks(audit: Audit, run: RunDir, reports: dict[str, dict], config: Mapping[str, Any]) -> None:
+    check = Checker(audit, "run")
+    summary, why = read_json(run.privacy_summary_file)
     if summary is None:
         check("fields", False, "privacy/summary.json", why)
         return
@@ -353,12 +213,12 @@ def audit_path(path: Path | str, tolerance: float = 0.01, state_dir: Path | str 
     path = Path(path)
     if not path.exists():
         raise FedllmError(f"{path} does not exist; give a run directory or a client state store")
-    reports_dir = path / "privacy" / "clients"
-    if reports_dir.is_dir() or (path / "privacy" / "user_level.json").is_file():
-        return _audit_run(path, tolerance, state_dir)
+    run = RunDir.existing(path) if path.is_dir() else None
+    if run is not None and (run.client_reports_dir.is_dir() or run.user_level_file.is_file()):
+        return _audit_run(run, tolerance, state_dir)
     ledgers = [path] if path.is_file() else sorted(path.glob("*/ledger.json")) or sorted(path.glob("ledger.json"))
     if not ledgers:
-        config, _ = _read_json(path / "config.json")
+        config, _ = read_json(run.config_file) if run is not None else (None, "")
         if isinstance(config, dict) and config.get("privacy.enabled") is False:
             raise FedllmError(f"{path} is a run without differential privacy (privacy.enabled=false): "
                               "it makes no epsilon claim to audit")
@@ -366,33 +226,31 @@ def audit_path(path: Path | str, tolerance: float = 0.01, state_dir: Path | str 
                           "*/ledger.json (a state store); give one of those")
     audit = Audit(path, "state store", tolerance)
     for ledger_path in ledgers:
-        ledger, why = _read_json(ledger_path)
+        ledger, why = read_json(ledger_path)
         if ledger is None:
-            _Checker(audit, ledger_path.parent.name)("fields", False, str(ledger_path), why)
+            Checker(audit, ledger_path.parent.name)("fields", False, str(ledger_path), why)
             continue
         check_report(audit, ledger, ledger_path.parent.name)
     return audit
 
 
-def _audit_run(run_dir: Path, tolerance: float, state_dir: Path | str | None) -> Audit:
-    from fedllm.state import safe_name
-
-    audit = Audit(run_dir, "run", tolerance)
-    config, _ = _read_json(run_dir / "config.json")
+def _audit_run(run: RunDir, tolerance: float, state_dir: Path | str | None) -> Audit:
+    audit = Audit(run.path, "run", tolerance)
+    config, _ = read_json(run.config_file)
     config = config if isinstance(config, dict) else {}
     run_id, servers = "", None
-    if (run_dir / "metrics.jsonl").exists():
+    if run.metrics_file.exists():
         try:
-            run_id, servers = server_records(run_dir)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            _Checker(audit, "run")("fields", False, "metrics.jsonl", f"unreadable ({exc!r}); rounds not checked")
+            run_id, servers = server_records(run)
+        except (FedllmError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            Checker(audit, "run")("fields", False, "metrics.jsonl", f"unreadable ({exc!r}); rounds not checked")
     if state_dir is None:
-        state_dir = config.get("privacy.state-dir") or run_dir / "clients"
+        state_dir = config.get("privacy.state-dir") or run.path / "clients"
     reports: dict[str, dict] = {}
-    for report_path in sorted((run_dir / "privacy" / "clients").glob("*.json")):
-        report, why = _read_json(report_path)
+    for report_path in run.client_report_files():
+        report, why = read_json(report_path)
         if report is None:
-            _Checker(audit, report_path.stem)("fields", False, f"privacy/clients/{report_path.name}", why)
+            Checker(audit, report_path.stem)("fields", False, f"privacy/clients/{report_path.name}", why)
             continue
         server = servers.get(report.get("client_id"), ServerRecord()) if servers is not None else None
         check_report(audit, report, report_path.stem, config, server, run_id)
@@ -402,12 +260,10 @@ def _audit_run(run_dir: Path, tolerance: float, state_dir: Path | str | None) ->
     if servers is not None and config.get("privacy.enabled", True):  # accepted under DP: must have reported
         for client, record in sorted(servers.items()):
             if record.accepted and client not in reports and client not in audit.clients:
-                _Checker(audit, client)("fields", False, f"privacy/clients/{safe_name(client)}.json",
+                Checker(audit, client)("fields", False, f"privacy/clients/{safe_name(client)}.json",
                                         f"missing: the server accepted updates in rounds {sorted(record.accepted)}")
-    if (run_dir / "privacy" / "clients").is_dir():
-        _run_checks(audit, run_dir, reports, config)
-    if (run_dir / "privacy" / "user_level.json").is_file():
-        from fedllm.privacy.audit_user import check_user_level
-
-        check_user_level(audit, run_dir, config)
+    if run.client_reports_dir.is_dir():
+        _run_checks(audit, run, reports, config)
+    if run.user_level_file.is_file():
+        check_user_level(audit, run, config)
     return audit

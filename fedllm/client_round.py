@@ -1,0 +1,166 @@
+"""What a device does in one training round, in order. `client/app.py` only turns Flower
+messages into the arguments here and the returned `TrainReply` into records.
+
+    1. its data            this node's client: a partition (simulation) or its data-path
+    2. its policy          refuse what the device's own policy forbids: nothing charged
+    3. the charge          open (calibrate) or read the ledger, charge before any step, or decline
+    4. local training      the same loop with or without DP (Opacus wraps it when charged)
+    5. the delta           local minus global adapter
+    6. the user-level clip on the device, when the run has user-level DP
+    7. the reply           plain data: client id, delta, metrics, epsilon report
+
+Personalisation, its sibling after the last round, is `fedllm.personal_round`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedllm import messages as wire
+from fedllm.config import Config, planned_steps
+from fedllm.data import ClientData, load_clients
+from fedllm.data.corpus import device_client
+from fedllm.model import adapter_state, load_adapter_state
+from fedllm.personal import trainable_snapshot
+from fedllm.privacy.engine import check_adapter_moved, make_private, poisson_sample_rate
+from fedllm.privacy.ledger import Ledger
+from fedllm.privacy.policy import DevicePolicy, refusal
+from fedllm.privacy.report import client_report
+from fedllm.privacy.user_level import clip_delta
+from fedllm.state import StateStore, state_root
+from fedllm.train import TrainResult, loader_for, make_optimizer, train_local
+from fedllm.worker import Worker, examples_for, worker_for
+
+Source = int | Mapping[str, Any]  # a partition id (simulation) or a device's node config
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the server asked for, already checked by the device (`client/app.py`)."""
+
+    server_round: int
+    run_id: str = ""
+    proximal_mu: float = 0.0
+
+
+def client_data(config: Config, source: Source) -> ClientData:
+    """This node's client: partition `source` of the run's clients (simulation), or, given
+    a device's node config, the records in its `data-path`."""
+    if isinstance(source, Mapping):
+        return device_client(Path(str(source[wire.NODE_DATA_PATH])), str(source.get(wire.NODE_CLIENT_ID, "")),
+                             config.data.min_records, config.data.holdout_fraction)
+    clients = load_clients(config)
+    if not 0 <= source < len(clients):
+        raise ValueError(f"partition-id {source} outside 0..{len(clients) - 1}")
+    return clients[source]
+
+
+def client_seed(seed: int, server_round: int, client_id: str) -> int:
+    """A stable per-(run, round, client) seed for batch order."""
+    return zlib.crc32(f"{seed}/{server_round}/{client_id}".encode())
+
+
+def ledger_path(config: Config, data: ClientData) -> Path:
+    return StateStore(state_root(config), data.client_id).ledger_path
+
+
+def check_policy(config: Config, data: ClientData, policy: DevicePolicy) -> tuple[str, dict | None, Ledger | None]:
+    """(why this device refuses the request, or "", its unchanged report when refused, its
+    existing ledger or None). Nothing is charged, trained or written here."""
+    ledger = Ledger.existing(ledger_path(config, data), data.client_id) if config.privacy.enabled else None
+    why = refusal(policy, config, ledger, data.num_records)
+    return why, client_report(ledger, declined=why) if why and ledger is not None else None, ledger
+
+
+def open_ledger(config: Config, data: ClientData) -> Ledger:
+    """The first private round: calibrate the noise for the planned steps, create the ledger."""
+    p = config.privacy
+    return Ledger.open(
+        ledger_path(config, data), client_id=data.client_id,
+        num_records=data.num_records, delta=p.delta, target_epsilon=p.target_epsilon,
+        sample_rate=poisson_sample_rate(data.num_records, config.train.batch_size),
+        max_grad_norm=p.max_grad_norm, planned_steps=planned_steps(config),
+        accountant=p.accountant,
+    )
+
+
+def charge_or_decline(ledger: Ledger, charges: list, target: float) -> str:
+    """Charge the ledger for `charges` (before any step), or say why the client declines.
+    `target` is the ledger's, or a stricter one the server asked for."""
+    cap = min(target, ledger.target_epsilon)
+    affordable, after = ledger.affordable(charges, cap)
+    if not affordable:
+        return (f"declined: this would bring epsilon to {after:.3f}, over the target "
+                f"{cap:g} (spent so far {ledger.epsilon():.3f})")
+    ledger.charge(charges)  # before training: a crash can only over-report
+    return ""
+
+
+def train_steps(config: Config, worker: Worker, examples, steps: int, lr: float, seed: int,
+                ledger: Ledger | None = None, proximal_mu: float = 0.0, anchor=None, after_step=None) -> TrainResult:
+    """`steps` steps on the model's trainable (adapter) weights: DP-SGD when a ledger is
+    given (the caller has already charged it), plain AdamW otherwise."""
+    loader = loader_for(examples, config.train.batch_size, worker.tokenizer.pad_token_id, seed)
+    optimizer = make_optimizer(worker.model, lr, config.train.weight_decay)
+    if ledger is None:
+        return train_local(worker.model, loader, optimizer, steps, proximal_mu, anchor, after_step)
+    before = trainable_snapshot(worker.model)
+    private = make_private(worker.model, optimizer, loader, ledger.noise_multiplier, ledger.max_grad_norm,
+                           charged_rate=ledger.sample_rate)
+    try:
+        result = train_local(worker.model, private.loader, private.optimizer, steps, proximal_mu, anchor,
+                             on_empty=private.noise_step)
+        private.check_charged(ledger.noise_multiplier, ledger.sample_rate, steps, ledger.max_grad_norm)
+    finally:
+        private.close()
+    check_adapter_moved(before, trainable_snapshot(worker.model))
+    return result
+
+
+def train_round(config: Config, source: Source, global_state: dict[str, torch.Tensor], request: Request,
+                policy: DevicePolicy | None = None) -> wire.TrainReply:
+    """One client round, steps 1-7 above. A refused or unaffordable request trains nothing."""
+    data = client_data(config, source)                                                    # 1
+    why, report, ledger = check_policy(config, data, policy or DevicePolicy.from_config(config))  # 2
+    if why:
+        return wire.TrainReply(data.client_id, declined=why, report=report)
+    if config.privacy.enabled and ledger is None:                                         # 3
+        ledger = open_ledger(config, data)
+    if ledger is not None:
+        charge = ledger.next_charge(request.server_round, config.local_steps, run=request.run_id)
+        declined = charge_or_decline(ledger, [charge], config.privacy.target_epsilon)
+        if declined:
+            return wire.TrainReply(data.client_id, declined=declined,
+                                   report=client_report(ledger, declined, config.privacy.target_epsilon))
+    worker = worker_for(config)                                                           # 4
+    train_examples, _ = examples_for(worker, data, config.model.max_length)
+    load_adapter_state(worker.model, global_state)
+    result = train_steps(config, worker, train_examples, config.local_steps, config.train.lr,
+                         client_seed(config.seed, request.server_round, data.client_id), ledger,
+                         request.proximal_mu)
+    local = adapter_state(worker.model)                                                   # 5
+    delta = {k: local[k] - global_state[k].to(torch.float32) for k in local}
+    if config.user_dp.enabled:                                                            # 6
+        delta, _ = clip_delta(delta, config.user_dp.clip)  # the norm itself stays on the device
+    report = client_report(ledger, "", config.privacy.target_epsilon) if ledger is not None else None  # 7
+    return wire.TrainReply(data.client_id, delta=delta, report=report, metrics={
+        wire.NUM_EXAMPLES: data.num_records, wire.TRAIN_LOSS: result.loss, wire.STEPS: result.steps,
+        wire.EPSILON: report["epsilon"] if report else 0.0})
+
+
+def evaluate_round(config: Config, source: Source, global_state: dict[str, torch.Tensor]) -> wire.EvalReply:
+    """Held-out metrics of the global adapter on this client."""
+    from fedllm.evaluate import evaluate
+
+    worker = worker_for(config)
+    data = client_data(config, source)
+    _, heldout = examples_for(worker, data, config.model.max_length)
+    load_adapter_state(worker.model, global_state)
+    metrics = evaluate(worker.model, heldout, config.evaluate.batch_size, worker.tokenizer.pad_token_id)
+    return wire.EvalReply(data.client_id, {wire.NUM_EXAMPLES: len(data.heldout), **metrics})

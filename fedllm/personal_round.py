@@ -1,0 +1,107 @@
+"""Personalisation on the device, the sibling of `fedllm.client_round`: after the last
+round a device turns the global adapter into its personal one (per `personal.method`) and
+trains the local-only baseline, both on its own records; charged when DP is on.
+
+    1. policy and charge   as in a training round; a refusal keeps the global adapter
+    2. local-only          its data alone, from the initial adapter, the same steps
+    3. personal            finetune | ditto | a stacked personal adapter (fedllm.personal)
+    4. the metrics         held-out, of both; personal state stays in the state store
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fedllm import messages as wire
+from fedllm.client_round import (Request, Source, charge_or_decline, check_policy, client_data, client_seed,
+                                 open_ledger, train_steps)
+from fedllm.config import Config
+from fedllm.evaluate import evaluate
+from fedllm.model import adapter_state, load_adapter_state
+from fedllm.personal import (EarlyStopping, load_state, personal_state, save_state, stacked_personal_adapter,
+                             trainable_snapshot)
+from fedllm.privacy.policy import DevicePolicy
+from fedllm.privacy.report import client_report
+from fedllm.state import StateStore, state_root
+from fedllm.worker import examples_for, worker_for
+
+
+def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}-{k}": values[k] for k in wire.SUMMARY_VALUES}
+
+
+def personalise(config: Config, source: Source, global_state: dict[str, torch.Tensor], request: Request,
+                global_metrics: dict[str, float] | None = None,
+                policy: DevicePolicy | None = None) -> tuple[dict[str, float], dict | None]:
+    """(held-out metrics of the personal and local-only adapters, the epsilon report when
+    DP is on). What is personal (adapter, Ditto weights, local-only adapter) stays here."""
+    worker = worker_for(config)
+    data = client_data(config, source)
+    train_examples, heldout = examples_for(worker, data, config.model.max_length)
+    store = StateStore(state_root(config), data.client_id)
+    p, pad, batch = config.personal, worker.tokenizer.pad_token_id, config.evaluate.batch_size
+
+    load_adapter_state(worker.model, global_state)
+    if global_metrics is None:  # the evaluate handler has them already
+        global_metrics = evaluate(worker.model, heldout, batch, pad)
+    kept = {**_prefixed("personal", global_metrics), **_prefixed("local", global_metrics),
+            wire.PERSONAL_DECLINED: 1.0}  # what a device that personalises nothing reports
+
+    # 1. Policy and charge: both trainings are charged before either runs.
+    why, report, ledger = check_policy(config, data, policy or DevicePolicy.from_config(config))
+    if why:
+        return kept, report
+    if config.privacy.enabled and ledger is None:
+        ledger = open_ledger(config, data)
+    if ledger is not None:
+        charges = [ledger.next_charge(request.server_round, p.steps, kind, request.run_id)
+                   for kind in ("personal", "local-only")]
+        declined = charge_or_decline(ledger, charges, config.privacy.target_epsilon)
+        if declined:
+            return kept, client_report(ledger, declined, config.privacy.target_epsilon)
+
+    def fit(kind: str, **kw) -> None:
+        """Early-stopped on a split of the training records when DP is off and the client
+        has enough records to spare some (a split would be a second, uncharged use)."""
+        records, stopper = train_examples, None
+        if ledger is None and p.early_stopping and len(train_examples) >= 10:
+            n_val = max(2, len(train_examples) // 5)
+            records, validation = train_examples[:-n_val], train_examples[-n_val:]
+            stopper = EarlyStopping(worker.model, lambda: evaluate(worker.model, validation, batch, pad)["loss"],
+                                    every=max(1, p.steps // 5))
+        seed = client_seed(config.seed, request.server_round, f"{data.client_id}/{kind}")
+        train_steps(config, worker, records, p.steps, p.lr, seed, ledger, after_step=stopper, **kw)
+        if stopper is not None:
+            stopper.restore()
+
+    # 2. The local-only baseline.
+    load_adapter_state(worker.model, load_state(store.local_only_path) or worker.initial)
+    fit("local-only")
+    save_state(store.local_only_path, adapter_state(worker.model))
+    local_metrics = evaluate(worker.model, heldout, batch, pad)
+
+    # 3. The personal adapter.
+    load_adapter_state(worker.model, global_state)
+    if p.method == "finetune":
+        fit("personal")
+        personal_metrics = evaluate(worker.model, heldout, batch, pad)
+    elif p.method == "ditto":
+        anchor = trainable_snapshot(worker.model)  # the global adapter, by parameter name
+        load_adapter_state(worker.model, load_state(store.personal_path("ditto")) or global_state)
+        fit("personal", proximal_mu=p.lambda_, anchor=anchor)
+        save_state(store.personal_path("ditto"), adapter_state(worker.model))
+        personal_metrics = evaluate(worker.model, heldout, batch, pad)
+    elif p.method == "adapter":
+        with stacked_personal_adapter(worker.model, p, config.lora, load_state(store.personal_path("adapter")),
+                                      client_seed(config.seed, request.server_round, f"{data.client_id}/init")):
+            fit("personal")
+            save_state(store.personal_path("adapter"), personal_state(worker.model))
+            personal_metrics = evaluate(worker.model, heldout, batch, pad)
+    else:
+        personal_metrics = global_metrics
+    load_adapter_state(worker.model, global_state)
+
+    # 4. The metrics, and the report of the charge.
+    report = client_report(ledger, "", config.privacy.target_epsilon) if ledger is not None else None
+    return {**_prefixed("personal", personal_metrics), **_prefixed("local", local_metrics),
+            wire.PERSONAL_DECLINED: 0.0}, report

@@ -1,0 +1,61 @@
+"""What a worker process keeps between clients: the frozen base with its LoRA slot, and
+tokenised client data. Only adapter tensors are swapped per client.
+
+Flower's simulation engine reuses worker (Ray actor) processes across virtual clients, so
+this cache turns "load the model per client" into "once per worker". `reset()` empties it
+(benchmarks time a cold start with it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedllm.config import Config
+from fedllm.data import ClientData, forget_clients
+from fedllm.data.tokens import encode
+from fedllm.model import adapter_state, attach_lora, load_base, resolve_base
+
+Examples = list[list[int]]
+
+
+@dataclass
+class Worker:
+    model: object  # PeftModel
+    tokenizer: object
+    base: str
+    initial: dict  # the adapter as initialised (B = 0): the start of every local-only baseline
+
+
+_WORKERS: dict[tuple, Worker] = {}
+_EXAMPLES: dict[tuple, tuple[Examples, Examples]] = {}
+
+
+def worker_for(config: Config) -> Worker:
+    """This process's model for `config` (loaded once; one base per process)."""
+    base = resolve_base(config, progress=False)
+    key = (base, config.lora, config.seed)
+    if key not in _WORKERS:
+        torch.set_num_threads(max(1, config.simulation.cpus_per_client))
+        model, tokenizer = load_base(base)
+        _WORKERS.clear()
+        peft_model = attach_lora(model, config.lora, config.seed)
+        _WORKERS[key] = Worker(peft_model, tokenizer, base, adapter_state(peft_model))
+    return _WORKERS[key]
+
+
+def examples_for(worker: Worker, data: ClientData, max_length: int) -> tuple[Examples, Examples]:
+    """(train, held-out) token ids of one client, cached per worker."""
+    key = (worker.base, data.client_id, max_length)
+    if key not in _EXAMPLES:
+        _EXAMPLES[key] = (encode(worker.tokenizer, data.train, max_length),
+                          encode(worker.tokenizer, data.heldout, max_length))
+    return _EXAMPLES[key]
+
+
+def reset() -> None:
+    """Forget every loaded model, read and tokenised client (a cold worker)."""
+    _WORKERS.clear()
+    _EXAMPLES.clear()
+    forget_clients()

@@ -24,7 +24,11 @@ def _record(msg: Message, reply: Message, kind: str) -> Message:
     entry = {"kind": kind, "received": received, "sent_arrays": sent,
              "records": sorted([*reply.content.array_records, *reply.content.metric_records,
                                 *reply.content.config_records]),
-             "metric_keys": sorted(k for r in reply.content.metric_records.values() for k in r.keys())}
+             "metric_keys": sorted(k for r in reply.content.metric_records.values() for k in r.keys()),
+             "fields": {name: sorted(record.keys()) for records in (reply.content.array_records,
+                                                                   reply.content.metric_records,
+                                                                   reply.content.config_records)
+                        for name, record in records.items()}}
     with open(run_dir / "sent.jsonl", "a") as handle:
         handle.write(json.dumps(entry) + "\n")
     return reply

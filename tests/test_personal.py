@@ -133,6 +133,15 @@ def test_nothing_personal_leaves_the_device(tmp_path, cache_dir):
             assert entry["sent_arrays"] == {}
         assert not any("personal" in k for arrays in entry["sent_arrays"].values() for k in arrays)
     assert any("personal-perplexity" in e["metric_keys"] for e in sent)  # personalisation did run
+    # ... and nothing outside the wire contract (fedllm/messages.py): no record, no field
+    from fedllm import messages as wire
+
+    contract = {"train": wire.TRAIN_REPLY, "evaluate": wire.EVAL_REPLY, "query": wire.QUERY_REPLY}
+    for entry in sent:
+        allowed = contract[entry["kind"]]
+        assert set(entry["fields"]) <= set(allowed), entry
+        for name, fields in entry["fields"].items():
+            assert set(fields) <= (set(entry["received"]) if allowed[name] is None else allowed[name]), (name, fields)
     assert list((run_dir / "clients").glob("*/personal-adapter.safetensors"))  # ... and kept its adapter
     summary = json.loads((run_dir / "summary.json").read_text())
     assert {"personalised", "local_only", "personalisation"} <= set(summary)

@@ -30,7 +30,7 @@ def plot_rounds(run: RunDir) -> Path | None:
         right.plot(*zip(*train), marker="o", color="tab:orange")
     right.set(xlabel="round", ylabel="train loss (mean over clients)", title="local training")
     fig.tight_layout()
-    path = run.path / "metrics.png"
+    path = run.plot_file("metrics")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -38,17 +38,14 @@ def plot_rounds(run: RunDir) -> Path | None:
 
 def plot_personalisation(run: RunDir) -> Path | None:
     """personalisation.png: per-client held-out perplexity, global against personalised."""
-    import csv
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = run.path / "personalisation.csv"
-    if not table.exists():
+    rows = run.personalisation_rows()
+    if not rows:
         return None
-    rows = list(csv.DictReader(table.open()))
     glob = [float(r["global_perplexity"]) for r in rows]
     pers = [float(r["personalised_perplexity"]) for r in rows]
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -60,21 +57,15 @@ def plot_personalisation(run: RunDir) -> Path | None:
     ax.title.set_fontsize(9)
     ax.legend()
     fig.tight_layout()
-    path = run.path / "personalisation.png"
+    path = run.plot_file("personalisation")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def write_table(run: RunDir, text: str) -> Path:
-    path = run.path / "summary.txt"
-    path.write_text(text + "\n")
-    return path
-
-
 def finish(run_dir: Path, table: str) -> dict[str, Any]:
     run = RunDir(run_dir)
-    write_table(run, table)
+    run.write_summary_text(table)
     plot_rounds(run)
     plot_personalisation(run)
     return run.summary()

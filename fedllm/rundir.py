@@ -68,8 +68,23 @@ class RunDir:
     def summary_file(self) -> Path:
         return self.path / "summary.json"
 
+    @property
+    def summary_text_file(self) -> Path:
+        return self.path / "summary.txt"
+
+    def plot_file(self, name: str) -> Path:
+        """A figure beside the summary (metrics.png, personalisation.png)."""
+        return self.path / f"{name}.png"
+
     def checkpoint(self, server_round: int) -> Path:
         return self.path / "checkpoints" / f"round-{server_round}"
+
+    def global_file(self, server_round: int) -> Path:
+        """The global adapter after `server_round` as plain tensors (what a restart reloads)."""
+        return self.checkpoint(server_round) / "global.safetensors"
+
+    def server_state_file(self, server_round: int) -> Path:
+        return self.checkpoint(server_round) / "server-state.json"
 
     @property
     def error_file(self) -> Path:
@@ -133,6 +148,19 @@ class RunDir:
         columns = list(rows[0])
         lines = [",".join(columns)] + [",".join(_cell(row[c]) for c in columns) for row in rows]
         atomic.write_bytes(self.personalisation_file, ("\n".join(lines) + "\n").encode())
+
+    def personalisation_rows(self) -> list[dict[str, str]]:
+        """personalisation.csv's rows ([] when personalisation did not run)."""
+        import csv
+
+        if not self.personalisation_file.exists():
+            return []
+        with self.personalisation_file.open(newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    def write_summary_text(self, text: str) -> Path:
+        atomic.write_bytes(self.summary_text_file, (text + "\n").encode())
+        return self.summary_text_file
 
     def mark_complete(self, server_round: int) -> None:
         atomic.write_json(self.latest_file, {"round": server_round})

@@ -32,10 +32,10 @@ def save_checkpoint(server: Any, server_round: int) -> Path:
 
 def save_server_state(server: Any, server_round: int) -> None:
     """After a completed round (its metrics line written)."""
-    path = server.run.checkpoint(server_round)
-    save_state(path / "global.safetensors", server.arrays.to_torch_state_dict())
-    save_optimizer(server.optimizer, path)
-    atomic.write_json(path / "server-state.json", {
+    run = server.run
+    save_state(run.global_file(server_round), server.arrays.to_torch_state_dict())
+    save_optimizer(server.optimizer, run.checkpoint(server_round))
+    atomic.write_json(run.server_state_file(server_round), {
         "round": server_round, "run_id": server.run_id, "sampling_seed": server.sampling_seed,
         **server.books.state()})
     server.run.mark_complete(server_round)
@@ -53,17 +53,16 @@ def resume(server: Any) -> int:
     if isinstance(done, bool) or not isinstance(done, int) or not 0 <= done <= config.num_server_rounds:
         raise FedllmError(f"cannot resume: {run.latest_file} names no completed round of this run; restore it or "
                           "delete it")
-    path = run.checkpoint(done)
-    state = check_server_state(read_json(path / "server-state.json"), path / "server-state.json")
+    state = check_server_state(read_json(run.server_state_file(done)), run.server_state_file(done))
     try:
-        arrays = load_state(path / "global.safetensors")
+        arrays = load_state(run.global_file(done))
     except Exception as exc:  # noqa: BLE001 - a corrupt or planted file
-        raise FedllmError(f"cannot resume: {path / 'global.safetensors'} is unreadable ({type(exc).__name__}); "
+        raise FedllmError(f"cannot resume: {run.global_file(done)} is unreadable ({type(exc).__name__}); "
                           "restore it from a backup or start a new run directory") from None
     if AdapterSpec.from_state(arrays) != server.spec or not all(torch.isfinite(v).all() for v in arrays.values()):
-        raise FedllmError(f"cannot resume: {path / 'global.safetensors'} does not fit this run's adapter "
+        raise FedllmError(f"cannot resume: {run.global_file(done)} does not fit this run's adapter "
                           "(keys, shapes or non-finite values)")
-    load_optimizer(server.optimizer, path, config.strategy.name, server.spec.shapes)
+    load_optimizer(server.optimizer, run.checkpoint(done), config.strategy.name, server.spec.shapes)
     reports = {}
     for report in run.client_report_files():
         data = read_json(report)

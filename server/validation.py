@@ -19,7 +19,7 @@ from flwr.app import Message
 
 from fedllm import messages as wire
 from fedllm.privacy.report import check_report
-from fedllm.untrusted import MAX_TEXT, number_in, say
+from fedllm.untrusted import MAX_TEXT, error_summary, number_in, say
 from server.decode import AdapterSpec, decode_array, decode_delta
 
 __all__ = ["AdapterSpec", "Expect", "Verdict", "check_evaluate_reply", "check_secure_metrics", "check_train_reply",
@@ -28,20 +28,6 @@ TRAIN_RECORDS = frozenset(wire.TRAIN_REPLY)
 EVAL_RECORDS = frozenset(wire.EVAL_REPLY)
 MAX_CLIENT_ID = 128
 MAX_LOSS = 1e4  # a per-token cross-entropy this large is no training result
-
-
-def error_summary(reason: Any) -> str:
-    """A client's error reply in one safe line: its first `SomeError: message` line (Flower
-    sends whole tracebacks), escaped and cut."""
-    import re
-
-    text = reason if isinstance(reason, str) else ""
-    for line in text[:100_000].splitlines():
-        match = re.match(r"\s*([\w.]*(?:Error|Exception)): (\S.*)$", line)
-        if match:
-            return say(f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}", 200)
-    lines = [line for line in text[-2000:].splitlines() if line.strip()]
-    return say(lines[-1].strip() if lines else "no reason given", 200)
 
 
 @dataclass(frozen=True)
@@ -245,6 +231,9 @@ def check_secure_metrics(metrics: dict, expect: Expect | None = None) -> tuple[d
     not the server, vouches for their shape): (report, declined, why they are bad)."""
     try:
         expect = expect or Expect()
+        unknown = set(metrics) - wire.SECURE_METRICS
+        if unknown:
+            return None, "", f"unexpected fields {[say(k, 40) for k in sorted(unknown)][:3]}"
         claimed, declined, why = _client_fields(metrics.get(wire.CLIENT_ID, ""), metrics.get(wire.DECLINED, ""), expect)
         if why:
             return None, "", why

@@ -107,7 +107,7 @@ def serve(config: Config, run_dir: Path, *, ca_cert: Path, cert: Path, key: Path
               flush=True)
         done = subprocess.run(["flwr", "run", str(app_dir()), processes.CONNECTION, "--run-config", str(run_config),
                                "--stream"], env=processes.environment(flwr_home))
-        summary = run_dir / "summary.json"
+        summary = RunDir(run_dir).summary_file
         error = RunDir(run_dir).server_error()  # written by the ServerApp when it stops on a FedllmError
         if error:
             raise FedllmError(error)

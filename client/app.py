@@ -41,7 +41,8 @@ def _local(context: Context) -> tuple[dict, DevicePolicy]:
     if wire.NODE_DATA_PATH in node:
         local = {"privacy.state-dir": str(node.get(wire.NODE_STATE_DIR, "")),
                  "model.name": str(node.get(wire.NODE_MODEL, "builtin")),
-                 "model.cache-dir": str(node.get(wire.NODE_CACHE_DIR, ""))}
+                 "model.cache-dir": str(node.get(wire.NODE_CACHE_DIR, "")),
+                 "device": str(node.get(wire.NODE_DEVICE, "auto")), "model.dtype": str(node.get(wire.NODE_DTYPE, "auto"))}
         return local, DevicePolicy.from_node_config(node)
     if context.run_config:
         config = Config.from_flat(dict(context.run_config))

@@ -2,6 +2,7 @@
 
     fedllm simulate [--config FILE] [--set KEY=VALUE ...] [--run-dir DIR]
     fedllm base build [--config FILE] [--set KEY=VALUE ...]
+    fedllm base shape NAME --out DIR [--set KEY=VALUE ...]
     fedllm audit RUN_DIR | STATE_STORE [--tolerance T] [--state-dir DIR] [--out DIR]
     fedllm audit canary [--config FILE] [--set KEY=VALUE ...] --run-dir DIR [--canaries M] [--guesses R]
     fedllm certs DIR [--nodes N] [--host HOST ...]
@@ -9,6 +10,7 @@
     fedllm server register KEY --run-dir DIR
     fedllm client --superlink HOST:PORT --ca-cert F --key F --data PATH --state-dir DIR [--require-secagg]
                   [--require-dp] [--max-epsilon E] [--max-delta D] [--require-user-dp] [--model NAME]
+                  [--device auto|cpu|cuda[:N]|mps] [--dtype auto|float32|bfloat16|float16]
     fedllm keys
 """
 
@@ -61,6 +63,21 @@ def cmd_base_build(args: argparse.Namespace) -> int:
     if config.model.name != "builtin":
         raise FedllmError(f"model.name={config.model.name}: `fedllm base build` builds only the built-in base")
     print(resolve_base(config))
+    return 0
+
+
+def cmd_base_shape(args: argparse.Namespace) -> int:
+    from fedllm.shapes import build_shape
+
+    overrides = {}
+    for key, value in _overrides(args.assignments).items():
+        try:
+            overrides[key] = int(value)
+        except ValueError:
+            raise FedllmError(f"--set {key}={value}: expected an integer") from None
+    info = build_shape(args.name, args.out, overrides)
+    print(f"{args.out}: {info['shape']} shape, {info['parameters']:,} parameters, random weights (cost figures "
+          f"only); use it with --set model.name={args.out}")
     return 0
 
 
@@ -150,7 +167,8 @@ def cmd_client(args: argparse.Namespace) -> int:
     run_daemon(superlink=args.superlink, ca_cert=args.ca_cert, key=args.key, data=args.data,
                state_dir=args.state_dir, client_id=args.client_id, port=args.port,
                require_secagg=args.require_secagg, require_dp=args.require_dp, max_epsilon=args.max_epsilon,
-               max_delta=args.max_delta, require_user_dp=args.require_user_dp, model=args.model)
+               max_delta=args.max_delta, require_user_dp=args.require_user_dp, model=args.model,
+               device=args.device, dtype=args.dtype)
     return 0  # not reached: the daemon became the SuperNode
 
 
@@ -174,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     build = base_sub.add_parser("build", help="build (or find cached) the built-in base and print its path")
     _add_config_args(build)
     build.set_defaults(func=cmd_base_build)
+    shape = base_sub.add_parser("shape", help="write a randomly initialised model of a real architecture and size "
+                                              "(cost measurements offline; no utility claim)")
+    shape.add_argument("name", help="smollm2-135m or qwen2.5-0.5b")
+    shape.add_argument("--out", type=Path, required=True, help="the model directory to write")
+    shape.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                       help="a reduced size, e.g. num_hidden_layers=2 (hidden_size, num_hidden_layers, "
+                            "num_attention_heads, num_key_value_heads, intermediate_size, vocab_size)")
+    shape.set_defaults(func=cmd_base_shape)
 
     audit = sub.add_parser(
         "audit", help="check every epsilon claim of a run directory or state store; "
@@ -262,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--model", default="builtin",
                         help="the base model this device loads: builtin, or a local model directory (never taken "
                              "from the server)")
+    client.add_argument("--device", default="auto",
+                        help="where this device trains: auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    client.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="the frozen base's precision (auto: bfloat16 on a CUDA GPU that supports it); LoRA "
+                             "weights and the deltas sent stay float32")
     client.set_defaults(func=cmd_client)
 
     keys = sub.add_parser("keys", help="list every config key with its default")

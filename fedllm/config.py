@@ -47,6 +47,21 @@ NON_NEG_FLOAT = (_non_negative, "a number >= 0")
 FRACTION = (_fraction, "a number strictly between 0 and 1")
 
 
+def _gpu_share(v: str) -> bool:
+    if v == "auto":
+        return True
+    try:
+        return 0 <= float(v) <= 1
+    except ValueError:
+        return False
+
+
+def _device(v: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", v))
+
+
 @dataclass(frozen=True)
 class DataConfig:
     path: str = _key("", None, "a folder path", "folder of per-client .txt/.jsonl files; empty: the embedded plays")
@@ -61,6 +76,9 @@ class ModelConfig:
     name: str = _key("builtin", lambda v: bool(v.strip()), "'builtin', a Hugging Face hub id or a local path")
     max_length: int = _key(128, lambda v: v >= 8, "an integer >= 8", "tokens per record (longer ones are truncated)")
     cache_dir: str = _key("", None, "a folder path", "where the built-in base is cached; empty: ~/.cache/fedllm")
+    dtype: str = _key("auto", *_one_of("auto", "float32", "bfloat16", "float16"),
+                      doc="the frozen base's precision (LoRA weights, optimizer state and deltas stay float32); "
+                          "auto: bfloat16 on a CUDA device that supports it, else float32")
 
 
 @dataclass(frozen=True)
@@ -140,6 +158,9 @@ class EvaluateConfig:
 class SimulationConfig:
     num_cpus: int = _key(0, *NON_NEG_INT, doc="CPUs for the simulation engine; 0: all")
     cpus_per_client: int = _key(1, *POS_INT)
+    gpus_per_client: str = _key("auto", _gpu_share, "'auto' or a number in [0, 1] (0.25: four clients share a GPU)",
+                                doc="GPU share of each simulated client (Ray's num_gpus); auto: none without a GPU, "
+                                    "else as many clients per GPU as run at once, at most 8")
 
 
 @dataclass(frozen=True)
@@ -216,6 +237,9 @@ class Config:
     seed: int = _key(0, *NON_NEG_INT)
     run_dir: str = _key("", None, "a folder path", "empty: runs/<timestamp>")
     round_timeout: float = _key(600.0, *POS_FLOAT, doc="seconds to wait for replies in a round")
+    device: str = _key("auto", _device, "auto, cpu, cuda, cuda:N or mps",
+                       doc="where clients train and evaluate; auto: CUDA, then MPS, then CPU (a device's own "
+                           "choice: never taken from the server)")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     base: BaseConfig = field(default_factory=BaseConfig)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fedllm.data.tokens import collate
+from fedllm.train import model_device, to_device
 from fedllm.messages import EVAL_VALUES as METRICS
 from fedllm.messages import SUMMARY_VALUES as SUMMARY_METRICS  # averaged over clients, compared between models
 
@@ -18,10 +19,11 @@ __all__ = ["METRICS", "SUMMARY_METRICS", "evaluate"]
 def evaluate(model, examples: list[list[int]], batch_size: int, pad_id: int) -> dict[str, float]:
     """Token-weighted over the whole held-out set; perplexity is exp(mean token loss)."""
     model.eval()
+    device = model_device(model)
     nll_sum, tokens, top1, top3 = 0.0, 0, 0, 0
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id)
-        logits = model(**batch, use_cache=False).logits[:, :-1]
+        batch = to_device(collate(examples[start : start + batch_size], pad_id), device)
+        logits = model(**batch, use_cache=False).logits[:, :-1].float()
         targets, mask = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].bool()
         nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         nll_sum += nll[mask].sum().item()

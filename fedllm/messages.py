@@ -73,6 +73,8 @@ NODE_CLIENT_ID = "client-id"
 NODE_STATE_DIR = "state-dir"
 NODE_MODEL = "model"
 NODE_CACHE_DIR = "cache-dir"
+NODE_DEVICE = "device"  # where this device trains (`fedllm client --device`)
+NODE_DTYPE = "dtype"  # the frozen base's precision (`fedllm client --dtype`)
 NODE_REQUIRE_SECAGG = "require-secagg"
 NODE_PARTITION = "partition-id"  # simulation: which of the run's clients this node is
 

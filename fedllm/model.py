@@ -49,8 +49,10 @@ def resolve_base(config, progress: bool = True) -> str:
     return config.model.name
 
 
-def load_base(name_or_path: str):
-    """Model (fp32, eval mode, frozen) and tokenizer from a local path or the local HF cache."""
+def load_base(name_or_path: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    """Model (frozen, eval mode, in `dtype` on `device`) and tokenizer from a local path or
+    the local HF cache. The model is on its device before peft wraps it: Opacus's hooks
+    and peft's adapter then live where the forward pass runs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(name_or_path).expanduser()
@@ -59,7 +61,7 @@ def load_base(name_or_path: str):
     source = str(local) if local.is_dir() else name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise ModelError(
             f"model.name={name_or_path}: cannot load it ({exc}). fedllm runs offline: give a local "
@@ -69,7 +71,7 @@ def load_base(name_or_path: str):
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(False)
     model.eval()
-    return model, tokenizer
+    return model.to(device), tokenizer
 
 
 def target_modules(model, setting: str = "auto") -> list[str]:
@@ -90,11 +92,12 @@ def attach_lora(model, lora, seed: int):
 
     names = target_modules(model, lora.target_modules)
     torch.manual_seed(seed)
+    # peft keeps the adapter in float32 over a half-precision base (autocast_adapter_dtype)
     peft_config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=names, task_type="CAUSAL_LM"
     )
     try:
-        peft_model = get_peft_model(model, peft_config)
+        peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
     except ValueError as exc:
         raise ModelError(f"lora.target-modules={lora.target_modules}: {exc}") from exc
     return peft_model

@@ -115,6 +115,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             (f"{loc['loss']:.4f}", f"{pers['loss']:.4f}"), (f"{loc['top1']:.3f}", f"{pers['top1']:.3f}"),
             (f"{loc['top3']:.3f}", f"{pers['top3']:.3f}")])]
     lines = ["".join([f"{r[0]:<22}", *(f"{x:>14}" for x in r[1:])]) for r in rows]
+    shape = summary.get("base_shape")
+    if shape:  # a `fedllm base shape` model: its figures are costs, never quality
+        lines.insert(0, f"BASE WEIGHTS ARE RANDOM ({shape.get('shape')} shape from `fedllm base shape`): cost "
+                        "figures only, no utility claim")
     if "personalised" in summary:
         p = summary["personalisation"]
         lines.append(f"personalisation '{p['method']}' beats global on {100 * p['beats_global_fraction']:.0f}% "

@@ -57,10 +57,22 @@ def load_experiment(path: Path | None, overrides: dict[str, Any]) -> Config:
 
 
 def backend_config(config: Config) -> dict[str, Any]:
+    """Ray's resources: CPUs per client and, on a GPU machine, each client's share of a GPU
+    (0.25: four clients train on one GPU at once, each worker with its own frozen base)."""
+    import torch
+
+    from fedllm.devices import gpus_per_client
+
     cpus = config.simulation.num_cpus or os.cpu_count() or 1
+    s = config.simulation
+    share = gpus_per_client(s.gpus_per_client, cpus, s.cpus_per_client)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if share and not gpus:
+        raise ConfigError(f"simulation.gpus-per-client={s.gpus_per_client}: this machine has no CUDA GPU; "
+                          "use 0 (or auto)")
     return {
-        "client_resources": {"num_cpus": config.simulation.cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False},
+        "client_resources": {"num_cpus": s.cpus_per_client, "num_gpus": share},
+        "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False},
     }
 
 

@@ -25,13 +25,25 @@ class TrainResult:
     num_examples: int
 
 
+def model_device(model) -> torch.device:
+    """Where the model's (trainable, else any) parameters are: batches go there."""
+    params = [p for p in model.parameters() if p.requires_grad] or list(model.parameters())
+    return params[0].device
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    if all(t.device == device for t in batch.values()):
+        return batch
+    return {k: t.to(device, non_blocking=True) for k, t in batch.items()}
+
+
 def sequence_losses(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss of each sequence, shape (batch,).
 
     Per sequence, then averaged by the caller: HF's `out.loss` averages tokens across the
     whole batch, which couples examples (and breaks per-sample clipping under DP).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     targets, mask = input_ids[:, 1:], attention_mask[:, 1:].to(logits.dtype)
     nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     return (nll * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
@@ -73,8 +85,9 @@ def train_local(model, loader, optimizer, steps: int, proximal_mu: float = 0.0,
     elif anchor is None:
         anchor = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     model.train()
+    device = model_device(model)
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    total, seen, empties = 0.0, 0, 0
+    total, seen, empties = torch.zeros((), dtype=torch.float64, device=device), 0, 0  # summed on the device: no sync
     for step in range(1, steps + 1):
         batch = next(batches)
         if on_empty is not None and on_empty(batch):  # only a Poisson (DP) loader yields these
@@ -82,12 +95,13 @@ def train_local(model, loader, optimizer, steps: int, proximal_mu: float = 0.0,
             if after_step is not None:
                 after_step(step)
             continue
+        batch = to_device(batch, device)
         loss = sequence_losses(model, batch["input_ids"], batch["attention_mask"]).mean()
         objective = loss + proximal_term(model, anchor, proximal_mu) if anchor is not None else loss
         optimizer.zero_grad(set_to_none=True)
         objective.backward()
         optimizer.step()
-        total += loss.item()
+        total += loss.detach().double()
         seen += len(batch["input_ids"])
         if after_step is not None:
             model.eval()
@@ -95,4 +109,4 @@ def train_local(model, loader, optimizer, steps: int, proximal_mu: float = 0.0,
             model.train()
     model.eval()
     batches_with_data = max(1, steps - empties)
-    return TrainResult(steps=steps, loss=total / batches_with_data, num_examples=seen)
+    return TrainResult(steps=steps, loss=total.item() / batches_with_data, num_examples=seen)

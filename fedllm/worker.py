@@ -15,6 +15,7 @@ import torch
 from fedllm.config import Config
 from fedllm.data import ClientData, forget_clients
 from fedllm.data.tokens import encode
+from fedllm.devices import resolve_device, resolve_dtype
 from fedllm.model import adapter_state, attach_lora, load_base, resolve_base
 
 Examples = list[list[int]]
@@ -26,6 +27,7 @@ class Worker:
     tokenizer: object
     base: str
     initial: dict  # the adapter as initialised (B = 0): the start of every local-only baseline
+    device: torch.device = torch.device("cpu")
 
 
 _WORKERS: dict[tuple, Worker] = {}
@@ -33,15 +35,18 @@ _EXAMPLES: dict[tuple, tuple[Examples, Examples]] = {}
 
 
 def worker_for(config: Config) -> Worker:
-    """This process's model for `config` (loaded once; one base per process)."""
+    """This process's model for `config` (loaded once, on the configured device and in its
+    dtype; one base per process)."""
     base = resolve_base(config, progress=False)
-    key = (base, config.lora, config.seed)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.model.dtype, device)
+    key = (base, config.lora, config.seed, str(device), dtype)
     if key not in _WORKERS:
         torch.set_num_threads(max(1, config.simulation.cpus_per_client))
-        model, tokenizer = load_base(base)
+        model, tokenizer = load_base(base, dtype, device)
         _WORKERS.clear()
         peft_model = attach_lora(model, config.lora, config.seed)
-        _WORKERS[key] = Worker(peft_model, tokenizer, base, adapter_state(peft_model))
+        _WORKERS[key] = Worker(peft_model, tokenizer, base, adapter_state(peft_model), device)
     return _WORKERS[key]
 
 

@@ -33,6 +33,7 @@ from fedllm.errors import FedllmError
 from fedllm.model import adapter_state, attach_lora, base_model_bytes, load_base, resolve_base
 from fedllm.privacy.user_level import UserLevel
 from fedllm.rundir import RunDir
+from fedllm.shapes import shape_of
 from server.books import Books
 from server.checkpoint import resume, save_checkpoint, save_server_state
 from server.collect import Cohort, Collected, as_arrays, collect_plain, collect_secure
@@ -192,6 +193,9 @@ class Server:
             "clients_per_round": config.clients_per_round,
             "strategy": config.strategy.name,
             "base_model": self.base,
+            **({"base_shape": shape} if (shape := shape_of(self.base)) else {}),
+            "device": config.device,
+            "model_dtype": config.model.dtype,
             "evaluated_clients": common,
             "base": mean_metrics({c: base_eval["clients"][c] for c in common}),
             "global": mean_metrics({c: last_eval["clients"][c] for c in common}),

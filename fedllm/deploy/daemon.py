@@ -20,13 +20,19 @@ from fedllm.errors import FedllmError
 def supernode_command(*, superlink: str, ca_cert: Path, key: Path, data: Path, state_dir: Path,
                       client_id: str = "", port: int = 9094, require_secagg: bool = False, require_dp: bool = True,
                       max_epsilon: float = 8.0, max_delta: float = 1e-5, require_user_dp: bool = False,
-                      model: str = "builtin") -> list[str]:
+                      model: str = "builtin", device: str = "auto", dtype: str = "auto") -> list[str]:
     """The SuperNode command line; the device's policy and its local settings travel in
     its node config (its own side), never in what the server sends."""
     from fedllm.data.corpus import device_client
     from fedllm.privacy.policy import DevicePolicy
 
     DevicePolicy(require_dp=require_dp, max_epsilon=max_epsilon, max_delta=max_delta)  # refuses bad values now
+    from fedllm.config import Config
+    from fedllm.devices import resolve_device, resolve_dtype
+
+    Config.from_flat({"device": device, "model.dtype": dtype})  # a bad value is named now, not at the first round
+    resolved = resolve_device(device)  # ... and a device that is not here
+    precision = str(resolve_dtype(dtype, resolved)).removeprefix("torch.")
 
     ca_cert = processes.require_file(ca_cert, "server CA certificate", "--ca-cert")
     key = processes.require_file(key, "node private key", "--key")
@@ -37,7 +43,8 @@ def supernode_command(*, superlink: str, ca_cert: Path, key: Path, data: Path, s
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     node_config = {"data-path": str(data), "state-dir": str(state_dir), "require-dp": require_dp,
-                   "max-epsilon": float(max_epsilon), "max-delta": float(max_delta), "model": model}
+                   "max-epsilon": float(max_epsilon), "max-delta": float(max_delta), "model": model,
+                   "device": device, "dtype": dtype}
     if client_id:
         node_config["client-id"] = client_id
     if require_secagg:  # client.secure.REQUIRE
@@ -47,7 +54,8 @@ def supernode_command(*, superlink: str, ca_cert: Path, key: Path, data: Path, s
     print(f"device {device.client_id}: {device.num_records} training records from {data}; state in {state_dir}; "
           f"policy: {'DP required' if require_dp else 'DP optional'}, epsilon <= {max_epsilon:g}, "
           f"delta <= {max_delta:g}" + (", secure aggregation required" if require_secagg else "")
-          + (", user-level DP required" if require_user_dp else ""), flush=True)
+          + (", user-level DP required" if require_user_dp else "") + f"; runs on {resolved} ({precision} base)",
+          flush=True)
     return ["flower-supernode", "--superlink", superlink, "--root-certificates", str(ca_cert),
             "--auth-supernode-private-key", str(key), "--port", str(port),
             "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())]

@@ -30,8 +30,9 @@ class PrivacyError(FedllmError):
     """A state in which a reported epsilon would be false; training must stop."""
 
 
-def entropy_generator() -> torch.Generator:
-    return torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+def entropy_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from the OS, on `device` (Opacus draws the noise where the gradients are)."""
+    return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
 def poisson_sample_rate(num_records: int, batch_size: int) -> float:
@@ -107,7 +108,7 @@ def make_private(model, optimizer, loader, noise_multiplier: float, max_grad_nor
     hooks, dp_optimizer, dp_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=plain, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks", wrap_model=False,
-        noise_generator=entropy_generator(),
+        noise_generator=entropy_generator(next(p for p in model.parameters() if p.requires_grad).device),
     )
     expected = poisson_sample_rate(len(loader.dataset), loader.batch_size)
     sampler = getattr(dp_loader, "batch_sampler", None)

@@ -24,7 +24,8 @@ from fedllm.errors import ConfigError
 
 # Never taken from a server message: where things are on the device, what it runs on, and
 # which of its records it trains on (that decides the record count, and so the sample rate).
-LOCAL_PREFIXES = ("run-dir", "model.name", "model.cache-dir", "privacy.state-dir", "data.", "simulation.")
+LOCAL_PREFIXES = ("run-dir", "model.name", "model.cache-dir", "model.dtype", "device", "privacy.state-dir", "data.",
+                  "simulation.")
 # In a simulation the run's config pins these: each changes the DP-SGD mechanism (sample
 # rate, clip, accountant, or the steps the noise multiplier is calibrated for).
 MECHANISM_KEYS = ("train.batch-size", "privacy.max-grad-norm", "privacy.accountant", "local-steps")

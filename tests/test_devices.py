@@ -103,3 +103,16 @@ def test_a_private_run_on_a_reduced_shape_says_its_weights_are_random(tmp_path, 
     assert summary["base_shape"]["shape"] == "qwen2.5-0.5b" and summary["base_shape"]["random_weights"]
     assert summary["privacy"]["clients_reporting"] > 0
     assert "BASE WEIGHTS ARE RANDOM" in (tmp_path / "run" / "summary.txt").read_text()
+
+
+@NO_CUDA
+def test_the_gpu_script_fails_fast_without_a_gpu():
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable}, timeout=120)
+    assert done.returncode == 2 and "no CUDA GPU here" in done.stderr

@@ -73,6 +73,13 @@ def test_a_bfloat16_base_trains_privately_with_float32_adapter_and_delta(tiny_ll
     assert {v.dtype for v in adapter_state(peft_model).values()} == {torch.float32}
     assert any(not torch.equal(v, start[k]) for k, v in adapter_state(peft_model).items())
 
+    from fedllm.personal import personal_state, stacked_personal_adapter
+
+    with stacked_personal_adapter(peft_model, config.personal, config.lora, None, seed=1):  # personalisation too
+        assert {p.dtype for p in peft_model.parameters() if p.requires_grad} == {torch.float32}
+        train_local(peft_model, loader, make_optimizer(peft_model, 1e-2, 0.0), steps=2)
+        assert {v.dtype for v in personal_state(peft_model).values()} == {torch.float32}
+
 
 def test_base_shape_smollm2_has_its_published_size(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer

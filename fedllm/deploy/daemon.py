@@ -39,7 +39,7 @@ def supernode_command(*, superlink: str, ca_cert: Path, key: Path, data: Path, s
     if ":" not in superlink:
         raise FedllmError(f"--superlink {superlink}: give host:port, e.g. 127.0.0.1:9093")
     data = Path(data).resolve()
-    device = device_client(data, client_id, 1, 0.2)  # readable, here and now, not at the first round
+    records = device_client(data, client_id, 1, 0.2)  # readable, here and now, not at the first round
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     node_config = {"data-path": str(data), "state-dir": str(state_dir), "require-dp": require_dp,
@@ -51,7 +51,7 @@ def supernode_command(*, superlink: str, ca_cert: Path, key: Path, data: Path, s
         node_config["require-secagg"] = True
     if require_user_dp:
         node_config["require-user-dp"] = True
-    print(f"device {device.client_id}: {device.num_records} training records from {data}; state in {state_dir}; "
+    print(f"device {records.client_id}: {records.num_records} training records from {data}; state in {state_dir}; "
           f"policy: {'DP required' if require_dp else 'DP optional'}, epsilon <= {max_epsilon:g}, "
           f"delta <= {max_delta:g}" + (", secure aggregation required" if require_secagg else "")
           + (", user-level DP required" if require_user_dp else "") + f"; runs on {resolved} ({precision} base)",

@@ -158,6 +158,9 @@ class EvaluateConfig:
 class SimulationConfig:
     num_cpus: int = _key(0, *NON_NEG_INT, doc="CPUs for the simulation engine; 0: all")
     cpus_per_client: int = _key(1, *POS_INT)
+    ray_address: str = _key("", None, "empty, 'auto' or host:port",
+                            doc="run on an existing Ray cluster (`ray start --head` printed its address); "
+                                "empty: start a local one")
     gpus_per_client: str = _key("auto", _gpu_share, "'auto' or a number in [0, 1] (0.25: four clients share a GPU)",
                                 doc="GPU share of each simulated client (Ray's num_gpus); auto: none without a GPU, "
                                     "else as many clients per GPU as run at once, at most 8")
@@ -219,6 +222,10 @@ class UserDPConfig:
     sampling: str = _key("poisson", *_one_of("poisson", "fixed"),
                          doc="poisson: each client joins a round independently with prob clients-per-round/clients "
                              "(amplification claimed); fixed: exactly clients-per-round (no amplification claimed)")
+    noise_cohort_size: int = _key(0, *NON_NEG_INT,
+                                  doc="> 0: a simulation of a larger deployment: add the noise a cohort of this many "
+                                      "clients would get (pfl-research's noise_cohort_size); its epsilon is that "
+                                      "deployment's, not a guarantee of this run. 0: off")
 
 
 @dataclass(frozen=True)
@@ -409,6 +416,10 @@ def _check_together(c: Config) -> None:
     if s.enabled and c.num_clients << s.quantization_bits >= 2**32:
         raise ConfigError(f"secagg.quantization-bits={s.quantization_bits} overflows the 32-bit sum of up to "
                           f"{c.num_clients} clients; use at most {31 - int(math.log2(c.num_clients))}")
+    if c.user_dp.noise_cohort_size and c.user_dp.noise_cohort_size < c.clients_per_round:
+        raise ConfigError(f"user-dp.noise-cohort-size={c.user_dp.noise_cohort_size} is below clients-per-round="
+                          f"{c.clients_per_round}: it simulates a larger cohort; use 0 (off) or at least "
+                          f"{c.clients_per_round}")
     if c.strategy.name in ROBUST_STRATEGIES and (s.enabled or c.user_dp.enabled):
         raise ConfigError(f"strategy.name={c.strategy.name} needs each client's update, but secure aggregation and "
                           "user-level DP hand the strategy only their sum; use fedavg, fedadam, fedprox, fedavgm, "

@@ -78,6 +78,11 @@ def user_level_line(user: dict[str, Any]) -> str:
     eps = user.get("epsilon")
     amplification = (f"Poisson participation q={user['sample_rate']:.3g}" if user["sampling"] == "poisson"
                      else "fixed cohorts, no amplification claimed")
+    if user.get("noise_cohort_size"):
+        this = user.get("epsilon_of_this_run")
+        return (f"user-level privacy      SIMULATED {user['noise_cohort_size']}-client cohort: epsilon "
+                f"{'inf' if eps is None else f'{eps:.2f}'} is that deployment's, not this run's (this run: "
+                f"{'inf' if this is None else f'{this:.2f}'}; delta {user['delta']:g}, {user['rounds']} rounds)")
     return (f"user-level privacy      DP-FedAvg per device, epsilon {'inf' if eps is None else f'{eps:.2f}'} "
             f"(delta {user['delta']:g}) after {user['rounds']} rounds; noise multiplier "
             f"{user['noise_multiplier']:.3g}, clip {user['clip']:g}, {amplification}")

@@ -63,8 +63,11 @@ def backend_config(config: Config) -> dict[str, Any]:
 
     from fedllm.devices import gpus_per_client
 
-    cpus = config.simulation.num_cpus or os.cpu_count() or 1
     s = config.simulation
+    if s.ray_address:  # an existing cluster: Ray knows its resources; fedllm only asks per client
+        return {"client_resources": {"num_cpus": s.cpus_per_client,
+                                     "num_gpus": float(s.gpus_per_client) if s.gpus_per_client != "auto" else 0.0}}
+    cpus = config.simulation.num_cpus or os.cpu_count() or 1
     share = gpus_per_client(s.gpus_per_client, cpus, s.cpus_per_client)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if share and not gpus:
@@ -105,6 +108,32 @@ def environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def cluster(address: str, env: dict[str, str]) -> Iterator[None]:
+    """Connect to an existing Ray cluster for the block (nothing when `address` is empty:
+    Flower starts a local one). Workers a cluster's nodes start do not inherit this
+    process's environment: what they need travels in Ray's runtime environment."""
+    if not address:
+        yield
+        return
+    import sys
+
+    import ray
+
+    env = {**env, "PYTHONPATH": os.pathsep.join(sys.path), "RAY_DEDUP_LOGS": "0"}
+    if os.environ.get("FEDLLM_CACHE"):
+        env["FEDLLM_CACHE"] = os.environ["FEDLLM_CACHE"]
+    try:
+        ray.init(address=address, runtime_env={"env_vars": env})
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise FedllmError(f"simulation.ray-address={address}: cannot connect to a Ray cluster there ({exc}); start "
+                          "one with `ray start --head` and give the address it prints") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()  # this process's connection only; the cluster keeps running
+
+
 def simulate(config: Config, run_dir: Path, client_app=None, server_config: Config | None = None) -> dict[str, Any]:
     """Run the whole simulation; returns summary.json's content.
 
@@ -121,7 +150,8 @@ def simulate(config: Config, run_dir: Path, client_app=None, server_config: Conf
     own = config.with_values({"run-dir": str(run_dir)})
     server = (server_config or config).with_values({"run-dir": str(run_dir)})
     run = RunDir(run_dir)
-    with environment({SERVER_CONFIG_ENV: json.dumps(server.to_flat()), DEVICE_CONFIG_ENV: json.dumps(own.to_flat())}):
+    handed = {SERVER_CONFIG_ENV: json.dumps(server.to_flat()), DEVICE_CONFIG_ENV: json.dumps(own.to_flat())}
+    with environment(handed), cluster(config.simulation.ray_address, {DEVICE_CONFIG_ENV: handed[DEVICE_CONFIG_ENV]}):
         try:
             run_simulation(server_app=component("serverapp"), client_app=client_app or component("clientapp"),
                            num_supernodes=config.num_clients, backend_config=backend_config(config))

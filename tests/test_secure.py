@@ -149,3 +149,34 @@ def test_a_device_that_requires_secure_aggregation_refuses_plain_training(tmp_pa
     command = supernode_command(superlink="127.0.0.1:1", ca_cert=tmp_path / "ca.crt", key=tmp_path / "key",
                                 data=data, state_dir=tmp_path / "s", require_secagg=True)
     assert "require-secagg=true" in command[command.index("--node-config") + 1]
+
+
+def test_noise_of_a_larger_cohort_is_said_plainly_and_audits(tmp_path):
+    """user-dp.noise-cohort-size: the sum gets the noise of a larger cohort (its mean the
+    noise a 5,000-client cohort would have); the report says the epsilon is that
+    deployment's, and the audit checks the scaled noise."""
+    from fedllm.audit.records import audit_path
+    from fedllm.privacy.user_level import UserLevel
+    from fedllm.rundir import RunDir
+
+    with pytest.raises(ConfigError, match="noise-cohort-size=5 is below clients-per-round=10"):
+        Config.from_flat({"user-dp.enabled": True, "user-dp.noise-cohort-size": 5})
+    config = Config.from_flat({"num-clients": 100, "clients-per-round": 10, "num-server-rounds": 2,
+                               "user-dp.enabled": True, "user-dp.noise-multiplier": 2.0, "user-dp.delta": 1e-3,
+                               "user-dp.noise-cohort-size": 5000})
+    mech = UserLevel.for_run(config, population=100)
+    assert mech.noise_std == pytest.approx(2.0 * 5.0 * 10 / 5000)
+    assert mech.noise_std / mech.denominator == pytest.approx(2.0 * 5.0 / 5000)  # the mean's noise of 5,000 clients
+    report = {"enabled": True, "run_id": "r", **mech.report(2, 2)}
+    assert "SIMULATION OF A LARGER COHORT" in report["simulated_cohort"]
+    assert report["epsilon_of_this_run"] is None or report["epsilon_of_this_run"] > report["epsilon"]
+
+    run = RunDir(tmp_path / "run")
+    run.write_config(config)
+    for r in (1, 2):
+        run.append_metrics({"round": r, "train": {"clients": [], "user_dp": {"noise_std": mech.noise_std}}})
+    run.write_user_level(report)
+    audit = audit_path(run.path)
+    assert not [f for f in audit.failures if f.client == "user-level"], audit.failures
+    run.write_user_level({**report, "noise_cohort_size": 0})  # the unscaled claim no longer matches the noise added
+    assert "noise" in {f.check for f in audit_path(run.path).failures if f.client == "user-level"}

@@ -65,6 +65,12 @@ def check_user_level(audit: Audit, run: RunDir, config: Mapping[str, Any]) -> No
           f"expected {expected} ({note}) and {k}")
     check("delta", delta < 1.0 / population, "delta", f"delta {delta} is not below 1/{population} clients")
 
+    cohort = report.get("noise_cohort_size") or 0  # a simulation of a larger cohort: less noise on this sum
+    if not (isinstance(cohort, int) and not isinstance(cohort, bool) and cohort >= 0):
+        check("fields", False, "noise_cohort_size", f"not a count: {cohort!r}")
+        cohort = 0
+    scale = report["denominator"] / cohort if cohort else 1.0
+    scaled = f" * {report['denominator']:g}/{cohort}" if cohort else ""
     try:
         train = [m for m in run.metrics() if "train" in m]
     except (OSError, FedllmError) as exc:
@@ -73,10 +79,11 @@ def check_user_level(audit: Audit, run: RunDir, config: Mapping[str, Any]) -> No
     if train is not None:
         check("rounds", rounds == len(train), "rounds",
               f"the report composes {rounds} rounds; metrics.jsonl records {len(train)}")
+        std = sigma * clip * scale
         off = [m["round"] for m in train if not math.isclose(
-            (m["train"].get("user_dp") or {}).get("noise_std", -1.0), sigma * clip, rel_tol=1e-9)]
-        check("noise", math.isclose(report["noise_std"], sigma * clip, rel_tol=1e-9) and not off, "noise_std",
-              f"noise std should be noise_multiplier * clip = {sigma * clip:g}; rounds that added other noise "
+            (m["train"].get("user_dp") or {}).get("noise_std", -1.0), std, rel_tol=1e-9)]
+        check("noise", math.isclose(report["noise_std"], std, rel_tol=1e-9) and not off, "noise_std",
+              f"noise std should be noise_multiplier * clip{scaled} = {std:g}; rounds that added other noise "
               f"(or none recorded): {off[:10]}")
 
     claimed = report.get("epsilon")

@@ -91,6 +91,7 @@ class UserLevel:
     accountant: str
     secure_aggregation: bool
     target_epsilon: float = 0.0
+    noise_cohort_size: int = 0  # > 0: the noise of a cohort this large (a simulation of a larger deployment)
 
     @classmethod
     def for_run(cls, config: Config, population: int) -> "UserLevel":
@@ -103,11 +104,19 @@ class UserLevel:
             sigma = accounting.calibrate(u.target_epsilon, u.delta, q, config.num_server_rounds, config.privacy.accountant)
         return cls(noise_multiplier=sigma, clip=u.clip, sampling=u.sampling, sample_rate=q, population=population,
                    denominator=float(k), delta=u.delta, accountant=config.privacy.accountant,
-                   secure_aggregation=config.secagg.enabled, target_epsilon=u.target_epsilon)
+                   secure_aggregation=config.secagg.enabled, target_epsilon=u.target_epsilon,
+                   noise_cohort_size=u.noise_cohort_size)
 
     @property
     def noise_std(self) -> float:
-        return self.noise_multiplier * self.clip
+        """The std of the noise on the sum. Divided by the cohort, the mean's noise is
+        noise_multiplier * clip / cohort; with `noise_cohort_size` C it is that of a
+        C-client cohort: the sum's noise shrinks by denominator / C."""
+        return self.noise_multiplier * self.clip * self.cohort_scale
+
+    @property
+    def cohort_scale(self) -> float:
+        return self.denominator / self.noise_cohort_size if self.noise_cohort_size else 1.0
 
     def epsilon(self, rounds: int) -> float:
         return epsilon(self.noise_multiplier, self.sample_rate, rounds, self.delta, self.accountant)
@@ -137,4 +146,25 @@ class UserLevel:
             "epsilon_planned": self.epsilon(rounds_planned) if self.noise_multiplier else None,
             "secure_aggregation_detail": secagg,
             "library_versions": {"opacus": version("opacus"), "dp-accounting": version("dp-accounting")},
+            **(self._simulated(rounds) if self.noise_cohort_size else {}),
+        }
+
+    def _simulated(self, rounds: int) -> dict[str, Any]:
+        """What a run with `noise_cohort_size` must say plainly about its claim."""
+        real = math.inf
+        for accountant in dict.fromkeys((self.accountant, "rdp")):  # PRV fails outright on very little noise
+            try:
+                real = epsilon(self.noise_multiplier * self.cohort_scale, self.sample_rate, rounds, self.delta,
+                               accountant)
+                break
+            except (RuntimeError, ValueError, OverflowError):
+                continue
+        return {
+            "simulated_cohort": (
+                f"SIMULATION OF A LARGER COHORT: this run trained about {self.denominator:g} clients per round "
+                f"and added the noise of a {self.noise_cohort_size}-client cohort (noise std on the sum "
+                f"{self.noise_std:g} = noise_multiplier * clip * {self.denominator:g}/{self.noise_cohort_size}). "
+                f"`epsilon` is the one a deployment with {self.noise_cohort_size} clients per round at the same "
+                "sampling rate would have; it is not a guarantee of this run"),
+            "epsilon_of_this_run": real if math.isfinite(real) else None,
         }

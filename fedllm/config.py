@@ -68,7 +68,18 @@ class DataConfig:
     min_records: int = _key(20, *POS_INT, doc="a role/file needs this many records to become a client")
     holdout_fraction: float = _key(0.2, *FRACTION, doc="share of each client's last records held out")
     public_fraction: float = _key(0.5, *FRACTION, doc="share of plays kept public for the base model")
-    split_seed: int = _key(0, *NON_NEG_INT, doc="seed of the public/private split of plays")
+    split_seed: int = _key(0, *NON_NEG_INT, doc="seed of the public/private split of plays (and of data partitions)")
+    partitioner: str = _key("natural", *_one_of("natural", "iid", "dirichlet"),
+                            doc="natural: one client per role / file / data.id-column value; iid or dirichlet: "
+                                "data.num-partitions synthetic clients (Flower Datasets)")
+    text_column: str = _key("text", lambda v: bool(v.strip()), "a column name",
+                            doc="the record text column of a .jsonl/.csv/.parquet data.path")
+    id_column: str = _key("client_id", lambda v: bool(v.strip()), "a column name",
+                          doc="the client id column (data.partitioner=natural on a dataset file)")
+    label_column: str = _key("label", lambda v: bool(v.strip()), "a column name",
+                             doc="the label column data.partitioner=dirichlet splits over (the role, on the plays)")
+    num_partitions: int = _key(0, *NON_NEG_INT, doc="iid/dirichlet: number of partitions; 0: num-clients")
+    alpha: float = _key(0.5, *POS_FLOAT, doc="dirichlet concentration: small is more skewed")
 
 
 @dataclass(frozen=True)

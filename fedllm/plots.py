@@ -120,6 +120,9 @@ def format_summary(summary: dict[str, Any]) -> str:
             (f"{loc['loss']:.4f}", f"{pers['loss']:.4f}"), (f"{loc['top1']:.3f}", f"{pers['top1']:.3f}"),
             (f"{loc['top3']:.3f}", f"{pers['top3']:.3f}")])]
     lines = ["".join([f"{r[0]:<22}", *(f"{x:>14}" for x in r[1:])]) for r in rows]
+    if (summary.get("data") or {}).get("synthetic_clients"):
+        lines.insert(0, f"SCALE TEST: synthetic clients (the plays' private speeches dealt "
+                        f"{summary['data']['partitioner']}); the roles are the natural clients")
     shape = summary.get("base_shape")
     if shape:  # a `fedllm base shape` model: its figures are costs, never quality
         lines.insert(0, f"BASE WEIGHTS ARE RANDOM ({shape.get('shape')} shape from `fedllm base shape`): cost "

@@ -30,6 +30,7 @@ from fedllm import aggregate
 from fedllm import messages as wire
 from fedllm.config import Config
 from fedllm.errors import FedllmError
+from fedllm.data import synthetic
 from fedllm.model import adapter_state, attach_lora, base_model_bytes, load_base, resolve_base
 from fedllm.privacy.user_level import UserLevel
 from fedllm.rundir import RunDir
@@ -190,6 +191,7 @@ class Server:
             "run_id": self.run_id,
             "rounds": config.num_server_rounds,
             "num_clients": config.num_clients,
+            "data": {"partitioner": config.data.partitioner, "synthetic_clients": synthetic(config)},
             "clients_per_round": config.clients_per_round,
             "strategy": config.strategy.name,
             "base_model": self.base,

@@ -6,22 +6,36 @@ from functools import lru_cache
 from pathlib import Path
 
 from fedllm.data.corpus import ClientData, clients_from_folder, clients_from_plays, embedded_split, select_clients
+from fedllm.errors import ConfigError
 
 
 @lru_cache(maxsize=4)
-def _eligible(path: str, min_records: int, holdout_fraction: float, public_fraction: float,
-              split_seed: int) -> tuple[ClientData, ...]:
-    if path:
-        return tuple(clients_from_folder(Path(path), min_records, holdout_fraction))
-    _, private = embedded_split(public_fraction, split_seed)
-    return tuple(clients_from_plays(private, min_records, holdout_fraction))
+def _eligible(d, num_clients: int) -> tuple[ClientData, ...]:
+    """Every client `d` (a frozen `DataConfig`) yields with at least `data.min-records` records."""
+    from fedllm.data import partitioned
+
+    if d.path and partitioned.is_dataset_file(d.path):
+        return tuple(partitioned.clients_from_dataset(Path(d.path), d, num_clients))
+    if d.path:
+        if d.partitioner != "natural":
+            raise ConfigError(f"data.partitioner={d.partitioner} needs a dataset file (.jsonl, .csv, .parquet) or the "
+                              "embedded plays; a folder holds one file per client")
+        return tuple(clients_from_folder(Path(d.path), d.min_records, d.holdout_fraction))
+    _, private = embedded_split(d.public_fraction, d.split_seed)
+    if d.partitioner != "natural":  # a scale test: the private speeches dealt into synthetic clients
+        return tuple(partitioned.synthetic_clients_from_plays(private, d, num_clients))
+    return tuple(clients_from_plays(private, d.min_records, d.holdout_fraction))
 
 
 def load_clients(config) -> list[ClientData]:
     """The run's clients, partition i = entry i; cached per process (workers reuse it)."""
-    d = config.data
-    eligible = _eligible(d.path, d.min_records, d.holdout_fraction, d.public_fraction, d.split_seed)
-    return select_clients(list(eligible), config.num_clients, config.seed, d.min_records)
+    eligible = _eligible(config.data, config.num_clients)
+    return select_clients(list(eligible), config.num_clients, config.seed, config.data.min_records)
+
+
+def synthetic(config) -> bool:
+    """Whether the run's clients are synthetic (the embedded plays dealt by a partitioner)."""
+    return not config.data.path and config.data.partitioner != "natural"
 
 
 def forget_clients() -> None:
@@ -29,4 +43,4 @@ def forget_clients() -> None:
     _eligible.cache_clear()
 
 
-__all__ = ["ClientData", "forget_clients", "load_clients"]
+__all__ = ["ClientData", "forget_clients", "load_clients", "synthetic"]

@@ -55,6 +55,29 @@ def total(contributions: Sequence[Contribution], shapes: dict[str, tuple[int, ..
     return out
 
 
+class RunningSum:
+    """Deltas added as they arrive and then dropped: the server's memory in a round is two
+    sums (weighted and plain), whatever the size of the cohort."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]):
+        self.weighted, self.plain = zeros(shapes), zeros(shapes)
+        self.weight, self.count = 0.0, 0
+
+    def add(self, c: Contribution) -> None:
+        for k in self.plain:
+            value = np.asarray(c.delta[k], np.float64)
+            self.weighted[k] += c.weight * value
+            self.plain[k] += value
+        self.weight += c.weight
+        self.count += 1
+
+    def mean(self) -> Delta | None:
+        """The weighted mean, as `weighted_mean` of the same contributions."""
+        if not self.count or self.weight <= 0:
+            return None
+        return {k: v / self.weight for k, v in self.weighted.items()}
+
+
 def weighted_mean(contributions: Sequence[Contribution]) -> Delta | None:
     """Sum of weight * delta over the sum of weights; None without contributions."""
     weight = sum(c.weight for c in contributions)
@@ -148,23 +171,26 @@ class Plan:
 
 def round_update(plan: Plan, shapes: dict[str, tuple[int, ...]], contributions: Sequence[Contribution] = (),
                  secure_sum: Delta | None = None, contributors: int = 0,
-                 rng: np.random.Generator | None = None) -> Delta | None:
+                 rng: np.random.Generator | None = None, running: RunningSum | None = None) -> Delta | None:
     """The round's update, or None when the global adapter stays:
 
         user-level DP   (sum of the contributions, or the secure sum) + noise, / denominator
         secure          secure sum / contributors
         robust          Flower's rule over the contributions
         otherwise       the weighted mean of the contributions
-    """
+
+    A plain round's contributions come as a list, or already summed as they arrived
+    (`running`: the streaming path, every rule but the robust ones)."""
     if plan.noise_std is not None:  # the round releases the noise even when nobody contributed
-        summed = secure_sum if plan.secure else total(contributions, shapes)
+        summed = secure_sum if plan.secure else (running.plain if running is not None
+                                                 else total(contributions, shapes))
         return noisy_mean(zeros(shapes) if summed is None else summed, plan.noise_std, plan.denominator,
                           rng if rng is not None else np.random.default_rng())
     if plan.secure:
         return secure_mean(secure_sum, contributors) if secure_sum is not None else None
     if plan.strategy in ROBUST:
         return robust_combine(plan.strategy, contributions, plan.num_malicious, plan.trim_beta, plan.num_selected)
-    return weighted_mean(contributions)
+    return running.mean() if running is not None else weighted_mean(contributions)
 
 
 class ServerOptimizer:

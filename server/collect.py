@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedllm import messages as wire
-from fedllm.aggregate import Contribution, Delta, norm, over_clip
+from fedllm.aggregate import ROBUST, Contribution, Delta, RunningSum, norm, over_clip
 from fedllm.config import Config
 from fedllm.untrusted import say
 from server.books import Books
@@ -26,6 +28,8 @@ from server.secure import quantization, secure_round
 from server.validation import AdapterSpec, Expect, Verdict, check_secure_metrics, check_train_reply
 
 log = logging.getLogger("fedllm.server")
+STREAM_AFTER = 16  # acceptable replies held to set an `auto` norm bound; later ones are added as they come
+PULL_INTERVAL = 0.1  # seconds between pulls while replies are outstanding
 
 
 @dataclass
@@ -53,14 +57,16 @@ class Cohort:
 @dataclass
 class Collected:
     record: dict[str, Any]  # the round's `train` entry in metrics.jsonl
-    contributions: list[Contribution] = field(default_factory=list)  # plain rounds
+    contributions: list[Contribution] = field(default_factory=list)  # plain rounds of a robust rule
+    running: RunningSum | None = None  # plain rounds of every other rule: the sum as it arrived
     secure_sum: Delta | None = None  # secure rounds: the sum of the contributed deltas
     contributors: int = 0
 
 
-def screen(cohort: Cohort, replies, nodes: list[int], check) -> list[tuple[int, str, Verdict]]:
-    """(node, client, verdict) per reply: one reply per asked node; any other is rejected."""
-    asked, seen, out = set(nodes), set(), []
+def screen(cohort: Cohort, replies: Iterable[Message], nodes: list[int], check) -> Iterator[tuple[int, str, Verdict]]:
+    """(node, client, verdict) per reply, as they come: one reply per asked node; any other
+    is rejected."""
+    asked, seen = set(nodes), set()
     for msg in replies:
         try:
             node = int(msg.metadata.src_node_id)
@@ -73,8 +79,23 @@ def screen(cohort: Cohort, replies, nodes: list[int], check) -> list[tuple[int, 
         else:
             seen.add(node)
             verdict = check(msg, node)
-        out.append((node, cohort.client(node), verdict))
-    return out
+        yield node, cohort.client(node), verdict
+
+
+def arrivals(grid: Grid, messages: list[Message], timeout: float) -> Iterator[Message]:
+    """The replies to `messages` as they arrive (Flower's push and pull), until all came or
+    `timeout` passed; a grid without push and pull answers all at once."""
+    if not (hasattr(grid, "push_messages") and hasattr(grid, "pull_messages")):
+        yield from grid.send_and_receive(messages, timeout=timeout)
+        return
+    waiting = set(grid.push_messages(messages))
+    end = time.monotonic() + timeout
+    while waiting and time.monotonic() < end:
+        replies = list(grid.pull_messages(waiting))
+        waiting.difference_update(msg.metadata.reply_to_message_id for msg in replies)
+        yield from replies
+        if waiting and not replies:
+            time.sleep(PULL_INTERVAL)
 
 
 def norm_bound(config: Config, norms: list[float]) -> float:
@@ -93,54 +114,86 @@ def train_messages(nodes: list[int], arrays: ArrayRecord, request: ConfigRecord)
     return [Message(content=content, dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
 
 
+class _Plain:
+    """One plain round's bookkeeping: what is admitted goes into the sum (or, for a robust
+    rule, which needs every delta, into a list), the rest into `dropped` with a reason."""
+
+    def __init__(self, cohort: Cohort, server_round: int):
+        self.cohort, self.round, config = cohort, server_round, cohort.config
+        self.keep = config.strategy.name in ROBUST
+        self.running = None if self.keep else RunningSum(cohort.spec.shapes)
+        self.contributions: list[Contribution] = []
+        self.rows: list[tuple[str, float, int, int]] = []  # client, loss, steps, upload bytes
+        self.dropped: list[tuple[int, str, str]] = []
+        self.declined: list[dict] = []
+        self.user_clip = config.user_dp.clip if config.user_dp.enabled else None
+
+    def admit(self, node: int, client: str, verdict: Verdict, size: float, bound: float) -> None:
+        setting = f"validation.max-delta-norm={self.cohort.config.validation.max_delta_norm}"
+        if size > bound:
+            self.dropped.append((node, client, f"delta L2 norm {size:.4g} exceeds the bound {bound:.4g} ({setting})"))
+            return
+        contribution = Contribution(client, verdict.delta, _weight(self.cohort, node, verdict))
+        if self.user_clip is not None and over_clip([contribution], self.user_clip)[1]:
+            # the device clipped; a larger delta would void the noise's calibration
+            self.dropped.append((node, client, f"delta L2 norm {size:.4g} exceeds user-dp.clip={self.user_clip:g}"))
+            return
+        if self.running is not None:
+            self.running.add(contribution)
+        else:
+            self.contributions.append(contribution)
+        self.rows.append((client, verdict.metrics[wire.TRAIN_LOSS], int(verdict.metrics[wire.STEPS]),
+                          sum(a.nbytes for a in verdict.delta.values())))
+
+
 def collect_plain(cohort: Cohort, server_round: int, nodes: list[int], arrays: ArrayRecord,
                   request: ConfigRecord) -> Collected:
-    """A plain round: the accepted deltas, sorted by client id (the sum's order, and so its
-    rounding, is reproducible), each weighted 1 under DP and by its record count otherwise."""
+    """A plain round, added up as replies arrive: the server holds a running sum and the
+    replies in flight, not one delta per client (a robust rule keeps the list it needs).
+
+    Each delta weighs 1 under DP and its record count otherwise. The `auto` norm bound is
+    set by the round's first `STREAM_AFTER` acceptable replies (all of them in a smaller
+    round), which are held until then and added in client-id order."""
     config, books = cohort.config, cohort.books
-    messages = train_messages(nodes, arrays, request)
-    replies = list(cohort.grid.send_and_receive(messages, timeout=config.round_timeout)) if messages else []
-    screened = screen(cohort, replies, nodes, lambda msg, node: check_train_reply(msg, cohort.spec,
-                                                                                  cohort.expect(node)))
-    candidates, dropped, declined = [], [], []
-    for node, client, verdict in screened:
+    auto = config.validation.max_delta_norm == "auto"
+    bound = None if auto else norm_bound(config, [])
+    held: list[tuple[int, str, Verdict, float]] = []
+    plain = _Plain(cohort, server_round)
+
+    def release(bound: float) -> None:
+        for node, client, verdict, size in sorted(held, key=lambda item: item[1]):
+            plain.admit(node, client, verdict, size, bound)
+        held.clear()
+
+    replies = arrivals(cohort.grid, train_messages(nodes, arrays, request), config.round_timeout) if nodes else []
+    for node, client, verdict in screen(cohort, replies, nodes,
+                                        lambda msg, node: check_train_reply(msg, cohort.spec, cohort.expect(node))):
         if not verdict.reason:
-            books.book(server_round, client, verdict.declined, verdict.report, declined)
-        if verdict.accepted:
-            candidates.append((node, client, verdict, norm(verdict.delta)))
-        elif verdict.reason:
-            dropped.append((node, client, verdict.reason))
-    bound = norm_bound(config, [n for *_, n in candidates])
-    setting = f"validation.max-delta-norm={config.validation.max_delta_norm}"
-    accepted = []
-    for node, client, verdict, size in candidates:
-        if size > bound:
-            dropped.append((node, client, f"delta L2 norm {size:.4g} exceeds the bound {bound:.4g} ({setting})"))
-        else:
-            accepted.append((node, client, verdict))
-    accepted.sort(key=lambda item: item[1])
-    contributions = [Contribution(client, v.delta, _weight(cohort, node, v)) for node, client, v in accepted]
-    if config.user_dp.enabled:  # the device clipped; a larger delta would void the noise's calibration
-        contributions, over = over_clip(contributions, config.user_dp.clip)
-        node_of = {client: node for node, client, _ in accepted}
-        dropped += [(node_of[c], c, f"delta L2 norm {n:.4g} exceeds user-dp.clip={config.user_dp.clip:g}")
-                    for c, n in over]
-    kept = {c.client for c in contributions}
-    accepted = [a for a in accepted if a[1] in kept]
-    for node, client, reason in dropped:
+            books.book(server_round, client, verdict.declined, verdict.report, plain.declined)
+        if verdict.reason:
+            plain.dropped.append((node, client, verdict.reason))
+        elif verdict.accepted and bound is None:
+            held.append((node, client, verdict, norm(verdict.delta)))
+            if len(held) >= STREAM_AFTER:
+                bound = norm_bound(config, [n for *_, n in held])
+                release(bound)
+        elif verdict.accepted:
+            plain.admit(node, client, verdict, norm(verdict.delta), bound)
+    release(bound if bound is not None else norm_bound(config, [n for *_, n in held]))
+    for node, client, reason in plain.dropped:
         log.warning("round %d: dropped reply from client %s (node %d): %s", server_round, say(client), node, reason)
-    books.rejected += len(dropped)
-    upload = [sum(a.nbytes for a in v.delta.values()) for _, _, v in accepted]
+    books.rejected += len(plain.dropped)
+    upload = [row[3] for row in plain.rows]
     books.upload.extend(upload)
     return Collected({
         "sampled": [cohort.client(n) for n in nodes],
-        "clients": [client for _, client, _ in accepted],
-        "train_loss": [v.metrics[wire.TRAIN_LOSS] for _, _, v in accepted],
-        "steps": [int(v.metrics[wire.STEPS]) for _, _, v in accepted],
+        "clients": [row[0] for row in plain.rows],
+        "train_loss": [row[1] for row in plain.rows],
+        "steps": [row[2] for row in plain.rows],
         "upload_bytes": upload,
-        "dropped": [{"node": n, "client_id": c, "reason": r} for n, c, r in dropped],
-        "declined": declined,
-    }, contributions=contributions, contributors=len(contributions))
+        "dropped": [{"node": n, "client_id": c, "reason": r} for n, c, r in plain.dropped],
+        "declined": plain.declined,
+    }, contributions=plain.contributions, running=plain.running, contributors=len(plain.rows))
 
 
 def _weight(cohort: Cohort, node: int, verdict: Verdict) -> float:

@@ -103,7 +103,7 @@ class Server:
         u = self.user_level
         plan = aggregate.plan_for(self.config, u.noise_std if u else None, u.denominator if u else 1.0)
         return aggregate.round_update(plan, self.spec.shapes, collected.contributions, collected.secure_sum,
-                                      collected.contributors, self.noise)
+                                      collected.contributors, self.noise, collected.running)
 
     def apply(self, server_round: int, update: aggregate.Delta) -> None:
         """The server optimizer's step; a result that is not finite leaves the global adapter."""

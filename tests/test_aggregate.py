@@ -180,3 +180,17 @@ def test_a_round_with_no_contribution():
     assert aggregate.round_update(Plan(secure=True), SHAPES) is None
     noisy = aggregate.round_update(Plan(noise_std=1.0, denominator=2.0), SHAPES, rng=np.random.default_rng(0))
     assert all(np.abs(v).sum() > 0 for v in noisy.values())
+
+
+@pytest.mark.parametrize("user_dp, strategy", list(itertools.product((False, True), ("fedavg", "fedadam", "fedprox"))))
+def test_the_streaming_sum_gives_the_listed_result(user_dp, strategy):
+    """The server adds plain replies as they arrive (`RunningSum`): the same update as the
+    list of contributions, for every rule but the robust ones."""
+    contributions = [Contribution(c, _random(i, 0.1), 1 if user_dp else WEIGHTS[c]) for i, c in enumerate(DELTAS)]
+    running = aggregate.RunningSum(SHAPES)
+    for c in contributions:
+        running.add(c)
+    plan = Plan(strategy, False, NOISE if user_dp else None, DENOMINATOR if user_dp else 1.0)
+    listed = aggregate.round_update(plan, SHAPES, contributions, rng=np.random.default_rng(SEED))
+    streamed = aggregate.round_update(plan, SHAPES, running=running, rng=np.random.default_rng(SEED))
+    _close(streamed, listed, atol=1e-12)

@@ -6,6 +6,7 @@ Only adapter tensors ever cross the wire or get checkpointed; the keys are peft'
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,6 +31,8 @@ TARGET_MODULES: dict[str, list[str]] = {
 }
 
 AdapterState = dict[str, torch.Tensor]
+# transformers 5 deprecates an attribute peft reads on every wrap: nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def base_recipe(config) -> BaseRecipe:

@@ -7,12 +7,32 @@ lives in `fedllm.audit`, which reads only the files.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 
 from fedllm.privacy.events import Charge
 
 ACCOUNTANTS = ("prv", "rdp")
+
+
+@lru_cache(maxsize=1)
+def rdp_orders() -> list[float]:
+    """Opacus' default RDP orders (1.1 .. 63) and larger ones, where much noise per step or
+    a small sample rate puts the optimum (Opacus otherwise warns that its bound is loose)."""
+    from opacus.accountants import RDPAccountant
+
+    return [*RDPAccountant.DEFAULT_ALPHAS, *range(64, 257, 8), 320, 384, 512, 768, 1024]
+
+
+def _epsilon_of(acc, accountant: str, delta: float, **kwargs) -> float:
+    """Opacus' epsilon. RDP uses the wider orders; PRV, which asks RDP only for the range of
+    its grid, keeps Opacus' note on that range out of the user's terminal."""
+    if accountant == "rdp":
+        return float(acc.get_epsilon(delta=delta, alphas=rdp_orders()))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        return float(acc.get_epsilon(delta=delta, **kwargs))
 
 
 def _history(charges: Sequence[Charge]) -> list[tuple[float, float, int]]:
@@ -40,10 +60,10 @@ def epsilon(charges: Sequence[Charge], delta: float, accountant: str = "prv",
         return 0.0
     acc = create_accountant(accountant)
     acc.history = history
-    rough = float(acc.get_epsilon(delta=delta))
+    rough = _epsilon_of(acc, accountant, delta)
     if accountant != "prv" or relative_error is None:
         return rough
-    return float(acc.get_epsilon(delta=delta, eps_error=max(1e-5, relative_error * rough)))
+    return _epsilon_of(acc, accountant, delta, eps_error=max(1e-5, relative_error * rough))
 
 
 MIN_NOISE_MULTIPLIER = 0.3  # below this, calibration's accountants slow without bound, and no privacy is left
@@ -72,7 +92,7 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: in
                                "lower privacy.target-epsilon or raise privacy.planned-rounds")
         acc.history = [(sigma, sample_rate, steps)]
         try:
-            return float(acc.get_epsilon(delta=delta))
+            return _epsilon_of(acc, accountant, delta)
         except (MemoryError, ValueError, OverflowError) as exc:
             raise PrivacyError(f"noise calibration failed at noise multiplier {sigma:g} ({exc!r}); lower "
                                "privacy.target-epsilon or use privacy.accountant=rdp") from exc

@@ -169,6 +169,8 @@ class EvaluateConfig:
 class SimulationConfig:
     num_cpus: int = _key(0, *NON_NEG_INT, doc="CPUs for the simulation engine; 0: all")
     cpus_per_client: int = _key(1, *POS_INT)
+    cache_mib: int = _key(256, *POS_INT, doc="tokenised client data a worker keeps, in MiB (least recently used "
+                                              "clients are dropped first): memory flat in the population")
     ray_address: str = _key("", None, "empty, 'auto' or host:port",
                             doc="run on an existing Ray cluster (`ray start --head` printed its address); "
                                 "empty: start a local one")

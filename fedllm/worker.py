@@ -8,6 +8,7 @@ this cache turns "load the model per client" into "once per worker". `reset()` e
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +29,12 @@ class Worker:
     base: str
     initial: dict  # the adapter as initialised (B = 0): the start of every local-only baseline
     device: torch.device = torch.device("cpu")
+    cache_bytes: int = 256 * 2**20  # simulation.cache-mib: the tokenised clients this worker keeps
 
 
 _WORKERS: dict[tuple, Worker] = {}
-_EXAMPLES: dict[tuple, tuple[Examples, Examples]] = {}
+_EXAMPLES: OrderedDict[tuple, tuple[Examples, Examples]] = OrderedDict()  # least recently used first
+_SIZES: dict[tuple, int] = {}
 
 
 def worker_for(config: Config) -> Worker:
@@ -46,21 +49,43 @@ def worker_for(config: Config) -> Worker:
         model, tokenizer = load_base(base, dtype, device)
         _WORKERS.clear()
         peft_model = attach_lora(model, config.lora, config.seed)
-        _WORKERS[key] = Worker(peft_model, tokenizer, base, adapter_state(peft_model), device)
+        _WORKERS[key] = Worker(peft_model, tokenizer, base, adapter_state(peft_model), device,
+                               config.simulation.cache_mib * 2**20)
     return _WORKERS[key]
 
 
 def examples_for(worker: Worker, data: ClientData, max_length: int) -> tuple[Examples, Examples]:
-    """(train, held-out) token ids of one client, cached per worker."""
+    """(train, held-out) token ids of one client, tokenised when the client is asked for and
+    kept while they fit in `worker.cache_bytes` (least recently used clients go first)."""
     key = (worker.base, data.client_id, max_length)
-    if key not in _EXAMPLES:
-        _EXAMPLES[key] = (encode(worker.tokenizer, data.train, max_length),
-                          encode(worker.tokenizer, data.heldout, max_length))
-    return _EXAMPLES[key]
+    if key in _EXAMPLES:
+        _EXAMPLES.move_to_end(key)
+        return _EXAMPLES[key]
+    examples = (encode(worker.tokenizer, data.train, max_length), encode(worker.tokenizer, data.heldout, max_length))
+    _EXAMPLES[key], _SIZES[key] = examples, _bytes(examples)
+    while len(_EXAMPLES) > 1 and sum(_SIZES.values()) > worker.cache_bytes:
+        oldest, _ = _EXAMPLES.popitem(last=False)
+        del _SIZES[oldest]
+    return examples
+
+
+def cached_bytes() -> int:
+    """What the tokenised-client cache holds now (estimated as Python stores it)."""
+    return sum(_SIZES.values())
+
+
+def cached_clients() -> int:
+    return len(_EXAMPLES)
+
+
+def _bytes(examples: tuple[Examples, Examples]) -> int:
+    """A list of n ints costs about 8n (pointers) + 28n (int objects) + 56 bytes."""
+    return sum(56 + 36 * len(ids) for part in examples for ids in part)
 
 
 def reset() -> None:
     """Forget every loaded model, read and tokenised client (a cold worker)."""
     _WORKERS.clear()
     _EXAMPLES.clear()
+    _SIZES.clear()
     forget_clients()

@@ -123,3 +123,23 @@ def test_the_gpu_script_fails_fast_without_a_gpu():
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHON": sys.executable}, timeout=120)
     assert done.returncode == 2 and "no CUDA GPU here" in done.stderr
+
+
+def test_the_worker_keeps_tokenised_clients_within_its_byte_budget(tmp_path, cache_dir):
+    """Memory flat in the population: a worker tokenises a client when asked for it and keeps
+    at most simulation.cache-mib of them, least recently used dropped first."""
+    from fedllm import worker as workers
+    from fedllm.client_round import client_data
+    from fedllm.simulate import load_experiment
+
+    config = load_experiment(TINY, {"simulation.cache-mib": 1})
+    workers.reset()
+    w = workers.worker_for(config)
+    w.cache_bytes = 300_000  # a few clients' worth
+    first = workers.examples_for(w, client_data(config, 0), config.model.max_length)
+    for i in range(config.num_clients):
+        workers.examples_for(w, client_data(config, i), config.model.max_length)
+        assert workers.cached_bytes() <= w.cache_bytes or workers.cached_clients() == 1  # one may exceed it alone
+    assert workers.cached_clients() < config.num_clients  # the least recently used were dropped
+    assert workers.examples_for(w, client_data(config, 0), config.model.max_length) == first  # re-tokenised
+    workers.reset()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -21,19 +20,6 @@ from fedllm.untrusted import say
 from server.validation import MAX_CLIENT_ID, check_metrics
 
 log = logging.getLogger("fedllm.server")
-
-
-class SampledGrid:
-    """A view of a Grid that offers only the chosen nodes to a strategy's sampler."""
-
-    def __init__(self, grid: Grid, node_ids: Iterable[int]):
-        self._grid, self._nodes = grid, list(node_ids)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self._nodes)
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
 
 
 def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+from functools import lru_cache
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -49,10 +50,16 @@ def _local(context: Context) -> tuple[dict, DevicePolicy]:
         if not config.run_dir:  # the ServerApp derives the same one (server.app)
             config = config.with_values({"run-dir": str(flwr_run_dir(context.run_id))})
     elif os.environ.get(LOCAL_CONFIG_ENV):
-        config = Config.from_flat(json.loads(os.environ[LOCAL_CONFIG_ENV]))
+        config = _own_config(os.environ[LOCAL_CONFIG_ENV])
     else:
         raise FedllmError(f"this simulated device has no config of its own (run config or {LOCAL_CONFIG_ENV})")
     return config.to_flat(), DevicePolicy.from_config(config)
+
+
+@lru_cache(maxsize=4)
+def _own_config(text: str) -> Config:
+    """A simulated device's own config, parsed and checked once per worker, not per message."""
+    return Config.from_flat(json.loads(text))
 
 
 def _config(msg: Message, context: Context) -> tuple[Config, ConfigRecord, DevicePolicy]:

@@ -28,9 +28,14 @@ def _eligible(d, num_clients: int) -> tuple[ClientData, ...]:
 
 
 def load_clients(config) -> list[ClientData]:
-    """The run's clients, partition i = entry i; cached per process (workers reuse it)."""
-    eligible = _eligible(config.data, config.num_clients)
-    return select_clients(list(eligible), config.num_clients, config.seed, config.data.min_records)
+    """The run's clients, partition i = entry i; cached per process (workers reuse it, and a
+    node answers every message of a run without choosing the clients again)."""
+    return list(_selected(config.data, config.num_clients, config.seed))
+
+
+@lru_cache(maxsize=4)
+def _selected(d, num_clients: int, seed: int) -> tuple[ClientData, ...]:
+    return tuple(select_clients(list(_eligible(d, num_clients)), num_clients, seed, d.min_records))
 
 
 def synthetic(config) -> bool:
@@ -41,6 +46,7 @@ def synthetic(config) -> bool:
 def forget_clients() -> None:
     """Drop the cached clients (a cold worker reads its data again)."""
     _eligible.cache_clear()
+    _selected.cache_clear()
 
 
 __all__ = ["ClientData", "forget_clients", "load_clients", "synthetic"]

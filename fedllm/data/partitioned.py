@@ -13,6 +13,8 @@ the natural clients. Every partition is deterministic for `data.split-seed`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -83,7 +85,8 @@ def partition_clients(ds, data: Any, num_clients: int, prefix: str) -> list[Clie
 
 
 def _natural_ids(partitioner) -> dict[int, Any]:
-    partitioner.load_partition(0)  # builds the id mapping
+    with contextlib.redirect_stderr(io.StringIO()):  # its progress bar, once per worker: not the user's business
+        partitioner.load_partition(0)  # builds the id mapping
     return dict(partitioner.partition_id_to_natural_id)
 
 

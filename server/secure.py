@@ -125,8 +125,9 @@ def _content_bytes(content: RecordDict) -> int:
 
 @dataclass
 class SecureRound:
-    """What a SecAgg+ round gave the server: the sum of the contributed deltas (None when
-    the protocol halted), how many weighed in it, and each contributor's plain metrics."""
+    """What a SecAgg+ round gave the server: `total`, the protocol's mean times the number
+    of results (the sum under user-level DP; None when the protocol halted), that number,
+    and each contributor's plain metrics."""
 
     total: dict[str, np.ndarray] | None
     replies: dict[int, dict[str, Any]]  # node -> FitRes metrics (no tensors)
@@ -175,9 +176,11 @@ def secure_round(grid: Grid, config: Config, server_round: int, nodes: list[int]
     if handoff.mean is None:
         result.error = "secure aggregation halted (too few clients left to unmask; see Flower's log)"
     elif len(handoff.mean) == len(keys) and all(np.isfinite(a).all() for a in handoff.mean):
-        weight = sum(int(res.num_examples) for _, res in handoff.results)
-        result.contributors = weight
-        result.total = {k: np.asarray(a, np.float64) * weight for k, a in zip(keys, handoff.mean)}
+        # Counted here, not taken from a FitRes's num_examples (a client's plain claim).
+        # Under user-level DP every result weighs 1 (declines included), so this is the sum;
+        # otherwise only total / contributors, the protocol's mean, is used.
+        result.contributors = len(handoff.results)
+        result.total = {k: np.asarray(a, np.float64) * result.contributors for k, a in zip(keys, handoff.mean)}
     else:
         result.error = "the unmasked aggregate is not finite (every contributor declined?)"
     return result

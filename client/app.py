@@ -28,7 +28,6 @@ from fedllm.rundir import flwr_run_dir
 from fedllm.simulate import DEVICE_CONFIG_ENV
 
 app = ClientApp()
-LOCAL_CONFIG_ENV = DEVICE_CONFIG_ENV  # a simulation's own config, handed to its workers by `fedllm.simulate`
 MAX_ROUND = 10**9
 
 
@@ -49,10 +48,10 @@ def _local(context: Context) -> tuple[dict, DevicePolicy]:
         config = Config.from_flat(dict(context.run_config))
         if not config.run_dir:  # the ServerApp derives the same one (server.app)
             config = config.with_values({"run-dir": str(flwr_run_dir(context.run_id))})
-    elif os.environ.get(LOCAL_CONFIG_ENV):
-        config = _own_config(os.environ[LOCAL_CONFIG_ENV])
+    elif os.environ.get(DEVICE_CONFIG_ENV):
+        config = _own_config(os.environ[DEVICE_CONFIG_ENV])
     else:
-        raise FedllmError(f"this simulated device has no config of its own (run config or {LOCAL_CONFIG_ENV})")
+        raise FedllmError(f"this simulated device has no config of its own (run config or {DEVICE_CONFIG_ENV})")
     return config.to_flat(), DevicePolicy.from_config(config)
 
 

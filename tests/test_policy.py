@@ -101,11 +101,11 @@ def test_a_device_without_a_ledger_refuses_a_budget_above_its_maximum(setup):
 
 
 def test_a_simulated_device_pins_the_runs_mechanism(setup, tmp_path, monkeypatch):
-    from client.app import LOCAL_CONFIG_ENV
+    from fedllm.simulate import DEVICE_CONFIG_ENV
 
     config, initial, _, _ = setup
     local = config.with_values({"run-dir": str(tmp_path)})
-    monkeypatch.setenv(LOCAL_CONFIG_ENV, json.dumps(local.to_flat()))
+    monkeypatch.setenv(DEVICE_CONFIG_ENV, json.dumps(local.to_flat()))
     context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 6}, state=RecordDict(),
                       run_config={})
     for key, value in {"privacy.planned-rounds": 1, "local-steps": config.local_steps + 5,

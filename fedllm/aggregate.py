@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from fedllm.config import ROBUST_STRATEGIES as ROBUST
+
 Delta = dict[str, np.ndarray]
-ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
-MEAN = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 
 @dataclass(frozen=True)
@@ -46,15 +46,6 @@ def zeros(shapes: dict[str, tuple[int, ...]]) -> Delta:
     return {k: np.zeros(shape, np.float64) for k, shape in shapes.items()}
 
 
-def total(contributions: Sequence[Contribution], shapes: dict[str, tuple[int, ...]]) -> Delta:
-    """The unweighted sum (zeros when nobody contributed), in the given order."""
-    out = zeros(shapes)
-    for c in contributions:
-        for k in out:
-            out[k] += c.delta[k]
-    return out
-
-
 class RunningSum:
     """Deltas added as they arrive and then dropped: the server's memory in a round is two
     sums (weighted and plain), whatever the size of the cohort."""
@@ -71,23 +62,30 @@ class RunningSum:
         self.weight += c.weight
         self.count += 1
 
+    @classmethod
+    def of(cls, contributions: Sequence[Contribution], shapes: dict[str, tuple[int, ...]]) -> "RunningSum":
+        running = cls(shapes)
+        for c in contributions:
+            running.add(c)
+        return running
+
     def mean(self) -> Delta | None:
-        """The weighted mean, as `weighted_mean` of the same contributions."""
+        """Sum of weight * delta over the sum of weights; None without contributions."""
         if not self.count or self.weight <= 0:
             return None
         return {k: v / self.weight for k, v in self.weighted.items()}
 
 
+def total(contributions: Sequence[Contribution], shapes: dict[str, tuple[int, ...]]) -> Delta:
+    """The unweighted sum (zeros when nobody contributed), in the given order."""
+    return RunningSum.of(contributions, shapes).plain
+
+
 def weighted_mean(contributions: Sequence[Contribution]) -> Delta | None:
     """Sum of weight * delta over the sum of weights; None without contributions."""
-    weight = sum(c.weight for c in contributions)
-    if not contributions or weight <= 0:
+    if not contributions:
         return None
-    out = {k: np.zeros(np.shape(v), np.float64) for k, v in contributions[0].delta.items()}
-    for c in contributions:
-        for k in out:
-            out[k] += c.weight * np.asarray(c.delta[k], np.float64)
-    return {k: v / weight for k, v in out.items()}
+    return RunningSum.of(contributions, {k: np.shape(v) for k, v in contributions[0].delta.items()}).mean()
 
 
 def secure_mean(secure_sum: Delta, contributors: int) -> Delta | None:
@@ -100,12 +98,17 @@ def over_clip(contributions: Sequence[Contribution], clip: float) -> tuple[list[
 
     Devices clip before sending; a larger delta is a broken or hostile device, and one
     such delta in the sum would void the sensitivity the noise is calibrated to."""
-    bound = clip * (1 + 1e-4)  # float32 rounding of a delta clipped exactly to `clip`
     kept, dropped = [], []
     for c in contributions:
         n = norm(c.delta)
-        (dropped.append((c.client, n)) if n > bound else kept.append(c))
+        (dropped.append((c.client, n)) if over_clip_norm(n, clip) else kept.append(c))
     return kept, dropped
+
+
+def over_clip_norm(size: float, clip: float) -> bool:
+    """A delta of L2 norm `size` is above the user-level clip (beyond the float32 rounding
+    of a delta clipped exactly to `clip`)."""
+    return size > clip * (1 + 1e-4)
 
 
 def noisy_mean(summed: Delta, noise_std: float, denominator: float, rng: np.random.Generator) -> Delta:

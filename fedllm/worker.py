@@ -33,8 +33,35 @@ class Worker:
 
 
 _WORKERS: dict[tuple, Worker] = {}
-_EXAMPLES: OrderedDict[tuple, tuple[Examples, Examples]] = OrderedDict()  # least recently used first
-_SIZES: dict[tuple, int] = {}
+class _TokenCache:
+    """Tokenised clients, least recently used first, with the bytes they hold kept as
+    entries come and go (not summed on every call)."""
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[tuple, tuple[tuple[Examples, Examples], int]] = OrderedDict()
+        self.held = 0
+
+    def get(self, key: tuple) -> tuple[Examples, Examples] | None:
+        if key not in self.entries:
+            return None
+        self.entries.move_to_end(key)
+        return self.entries[key][0]
+
+    def put(self, key: tuple, examples: tuple[Examples, Examples], limit: int) -> None:
+        """Keep `examples`, then drop the least recently used until `limit` holds (the newest stays)."""
+        size = _bytes(examples)
+        self.entries[key] = examples, size
+        self.held += size
+        while len(self.entries) > 1 and self.held > limit:
+            _, (_, dropped) = self.entries.popitem(last=False)
+            self.held -= dropped
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.held = 0
+
+
+_EXAMPLES = _TokenCache()
 
 
 def worker_for(config: Config) -> Worker:
@@ -58,24 +85,21 @@ def examples_for(worker: Worker, data: ClientData, max_length: int) -> tuple[Exa
     """(train, held-out) token ids of one client, tokenised when the client is asked for and
     kept while they fit in `worker.cache_bytes` (least recently used clients go first)."""
     key = (worker.base, data.client_id, max_length)
-    if key in _EXAMPLES:
-        _EXAMPLES.move_to_end(key)
-        return _EXAMPLES[key]
-    examples = (encode(worker.tokenizer, data.train, max_length), encode(worker.tokenizer, data.heldout, max_length))
-    _EXAMPLES[key], _SIZES[key] = examples, _bytes(examples)
-    while len(_EXAMPLES) > 1 and sum(_SIZES.values()) > worker.cache_bytes:
-        oldest, _ = _EXAMPLES.popitem(last=False)
-        del _SIZES[oldest]
+    examples = _EXAMPLES.get(key)
+    if examples is None:
+        examples = (encode(worker.tokenizer, data.train, max_length),
+                    encode(worker.tokenizer, data.heldout, max_length))
+        _EXAMPLES.put(key, examples, worker.cache_bytes)
     return examples
 
 
 def cached_bytes() -> int:
     """What the tokenised-client cache holds now (estimated as Python stores it)."""
-    return sum(_SIZES.values())
+    return _EXAMPLES.held
 
 
 def cached_clients() -> int:
-    return len(_EXAMPLES)
+    return len(_EXAMPLES.entries)
 
 
 def _bytes(examples: tuple[Examples, Examples]) -> int:
@@ -87,5 +111,4 @@ def reset() -> None:
     """Forget every loaded model, read and tokenised client (a cold worker)."""
     _WORKERS.clear()
     _EXAMPLES.clear()
-    _SIZES.clear()
     forget_clients()

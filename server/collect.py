@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedllm import messages as wire
-from fedllm.aggregate import ROBUST, Contribution, Delta, RunningSum, norm, over_clip
+from fedllm.aggregate import ROBUST, Contribution, Delta, RunningSum, norm, over_clip_norm
 from fedllm.config import Config
 from fedllm.untrusted import say
 from server.books import Books
@@ -118,10 +118,9 @@ class _Plain:
     """One plain round's bookkeeping: what is admitted goes into the sum (or, for a robust
     rule, which needs every delta, into a list), the rest into `dropped` with a reason."""
 
-    def __init__(self, cohort: Cohort, server_round: int):
-        self.cohort, self.round, config = cohort, server_round, cohort.config
-        self.keep = config.strategy.name in ROBUST
-        self.running = None if self.keep else RunningSum(cohort.spec.shapes)
+    def __init__(self, cohort: Cohort):
+        self.cohort, config = cohort, cohort.config
+        self.running = None if config.strategy.name in ROBUST else RunningSum(cohort.spec.shapes)
         self.contributions: list[Contribution] = []
         self.rows: list[tuple[str, float, int, int]] = []  # client, loss, steps, upload bytes
         self.dropped: list[tuple[int, str, str]] = []
@@ -133,11 +132,11 @@ class _Plain:
         if size > bound:
             self.dropped.append((node, client, f"delta L2 norm {size:.4g} exceeds the bound {bound:.4g} ({setting})"))
             return
-        contribution = Contribution(client, verdict.delta, _weight(self.cohort, node, verdict))
-        if self.user_clip is not None and over_clip([contribution], self.user_clip)[1]:
+        if self.user_clip is not None and over_clip_norm(size, self.user_clip):
             # the device clipped; a larger delta would void the noise's calibration
             self.dropped.append((node, client, f"delta L2 norm {size:.4g} exceeds user-dp.clip={self.user_clip:g}"))
             return
+        contribution = Contribution(client, verdict.delta, _weight(self.cohort, node, verdict))
         if self.running is not None:
             self.running.add(contribution)
         else:
@@ -158,7 +157,7 @@ def collect_plain(cohort: Cohort, server_round: int, nodes: list[int], arrays: A
     auto = config.validation.max_delta_norm == "auto"
     bound = None if auto else norm_bound(config, [])
     held: list[tuple[int, str, Verdict, float]] = []
-    plain = _Plain(cohort, server_round)
+    plain = _Plain(cohort)
 
     def release(bound: float) -> None:
         for node, client, verdict, size in sorted(held, key=lambda item: item[1]):

@@ -33,6 +33,7 @@ PRIVACY = "privacy"
 CLIENT_ID = "client-id"
 DECLINED = "declined"
 CLIENT_FIELDS = frozenset({CLIENT_ID, DECLINED})
+MAX_CLIENT_ID = 128  # characters of a client id, printable: longer or stranger ids are refused
 # The one field of the PRIVACY record: the device's epsilon report, JSON text.
 REPORT = "report"
 

@@ -26,7 +26,7 @@ __all__ = ["AdapterSpec", "Expect", "Verdict", "check_evaluate_reply", "check_se
            "decode_array", "decode_delta", "error_summary"]
 TRAIN_RECORDS = frozenset(wire.TRAIN_REPLY)
 EVAL_RECORDS = frozenset(wire.EVAL_REPLY)
-MAX_CLIENT_ID = 128
+MAX_CLIENT_ID = wire.MAX_CLIENT_ID
 MAX_LOSS = 1e4  # a per-token cross-entropy this large is no training result
 
 

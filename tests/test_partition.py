@@ -92,3 +92,10 @@ def test_a_folder_cannot_be_dealt(tmp_path):
     (tmp_path / "a.txt").write_text("x\n" * 5)
     with pytest.raises(ConfigError, match="needs a dataset file"):
         load_clients(_config(tmp_path, **{"data.partitioner": "iid"}))
+
+
+def test_a_client_id_the_server_would_refuse_is_refused_here(tmp_path):
+    path = _jsonl(tmp_path / "d.jsonl", [{"client_id": "x" * 200, "text": f"r{i}"} for i in range(3)]
+                  + [{"client_id": f"u{u}", "text": f"r{i}"} for u in range(3) for i in range(3)])
+    with pytest.raises(DataError, match="client id must be 1..128 printable"):
+        load_clients(_config(path))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fedllm.data.corpus import ClientData, holdout_split
+from fedllm.messages import MAX_CLIENT_ID
 from fedllm.errors import DataError
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local files only: `datasets` never asks the hub
@@ -80,6 +81,9 @@ def partition_clients(ds, data: Any, num_clients: int, prefix: str) -> list[Clie
             continue
         train, heldout = holdout_split(texts, data.holdout_fraction)
         name = str(names[i]) if names is not None else f"{prefix}-{data.partitioner}-{i:0{width}d}"
+        if not (0 < len(name) <= MAX_CLIENT_ID and name.isprintable()):
+            raise DataError(f"{data.id_column} value {name[:40]!r}...: a client id must be 1..{MAX_CLIENT_ID} printable "
+                            "characters (it names the client's ledger and is checked by the server)")
         clients.append(ClientData(name, train, heldout))
     return sorted(clients, key=lambda c: c.client_id)
 

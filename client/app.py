@@ -35,8 +35,8 @@ def _local(context: Context) -> tuple[dict, DevicePolicy]:
     """(this device's own values of the local keys, its policy), from its own side only.
 
     A real device (`data-path` in its node config) has its operator's flags; its run
-    config comes from the server, so it is not read. A simulated device has the run's
-    config: Flower's run config under `flwr run`, or the runner's (`fedllm simulate`)."""
+    config comes from the server, so it is not read. A simulated device has the config
+    `fedllm simulate` gives its devices, or, under a plain `flwr run`, Flower's run config."""
     node = context.node_config
     if wire.NODE_DATA_PATH in node:
         local = {"privacy.state-dir": str(node.get(wire.NODE_STATE_DIR, "")),
@@ -44,12 +44,12 @@ def _local(context: Context) -> tuple[dict, DevicePolicy]:
                  "model.cache-dir": str(node.get(wire.NODE_CACHE_DIR, "")),
                  "device": str(node.get(wire.NODE_DEVICE, "auto")), "model.dtype": str(node.get(wire.NODE_DTYPE, "auto"))}
         return local, DevicePolicy.from_node_config(node)
-    if context.run_config:
+    if os.environ.get(DEVICE_CONFIG_ENV):  # `fedllm simulate` states its devices' config
+        config = _own_config(os.environ[DEVICE_CONFIG_ENV])
+    elif context.run_config:  # a plain `flwr run`: the devices take the run's config
         config = Config.from_flat(dict(context.run_config))
         if not config.run_dir:  # the ServerApp derives the same one (server.app)
             config = config.with_values({"run-dir": str(flwr_run_dir(context.run_id))})
-    elif os.environ.get(DEVICE_CONFIG_ENV):
-        config = _own_config(os.environ[DEVICE_CONFIG_ENV])
     else:
         raise FedllmError(f"this simulated device has no config of its own (run config or {DEVICE_CONFIG_ENV})")
     return config.to_flat(), DevicePolicy.from_config(config)

@@ -36,7 +36,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedllm import simulate as runner
-    from fedllm.plots import format_summary
+    from fedllm.plots import Progress, format_summary
     from fedllm.rundir import default_run_dir
 
     overrides = _overrides(args.assignments)
@@ -47,10 +47,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     config = config.with_values({"run-dir": str(run_dir)})
     print(f"fedllm simulate: {config.num_clients} clients, {config.clients_per_round} per round, "
           f"{config.num_server_rounds} rounds -> {run_dir}", flush=True)
-    summary = runner.simulate(config, run_dir)
+    progress = Progress(config.num_server_rounds)
+
+    def show(record: dict) -> None:
+        if (line := progress.line(record)) is not None:
+            print(line, flush=True)
+
+    summary = runner.simulate(config, run_dir, on_round=show)
     print()
     print(format_summary(summary))
-    print(f"\nrun directory: {run_dir}")
+    print(f"\nrun directory: {run_dir} (Flower's and the workers' output: {run_dir / 'simulation.log'})")
     return 0
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,27 @@ def finish(run_dir: Path, table: str) -> dict[str, Any]:
     plot_rounds(run)
     plot_personalisation(run)
     return run.summary()
+
+
+class Progress:
+    """One terminal line per round, from its metrics.jsonl record; the held-out perplexity
+    is the latest evaluated (rounds between evaluations show the last one)."""
+
+    def __init__(self, rounds: int):
+        self.rounds = rounds
+        self.perplexity = float("nan")
+
+    def line(self, record: dict[str, Any]) -> str | None:
+        if "evaluate" in record:
+            self.perplexity = float(record["evaluate"].get("mean", {}).get("perplexity", float("nan")))
+        if "train" not in record:
+            return None  # round 0: the base, evaluated before training
+        train = record["train"]
+        losses = train.get("train_loss", [])
+        return (f"round {record['round']}/{self.rounds}: {len(losses)} clients, "
+                f"train loss {statistics.fmean(losses) if losses else float('nan'):.3f}, "
+                f"held-out ppl {self.perplexity:.2f}, {len(train.get('dropped', []))} dropped, "
+                f"{len(train.get('declined', []))} declined, {record.get('seconds', 0.0):.1f}s")
 
 
 def user_level_line(user: dict[str, Any]) -> str:

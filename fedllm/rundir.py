@@ -14,6 +14,8 @@ is its only reader and writer; servers, plots, the audit and tools go through `R
                          and strategy.json: data only, never a pickle; server-state.json);
                          checkpoints/latest.json names the last completed round
     server-error.txt     why the server stopped, when it stopped on an error (one line)
+    simulation.log       `fedllm simulate` only: everything Flower, Ray and the apps printed
+    .flwr/               `fedllm simulate` only: the generated Flower app and the `flwr` CLI's connection
     proxy/               `fedllm server` only: nginx's config and logs
 
 How the format may change (auditors and plots read old run directories): a file or field
@@ -96,6 +98,10 @@ class RunDir:
         return self.error_file.read_text(errors="replace").strip()[:2000] if self.error_file.exists() else ""
 
     @property
+    def log_file(self) -> Path:
+        return self.path / "simulation.log"
+
+    @property
     def config_file(self) -> Path:
         return self.path / "config.json"
 
@@ -175,6 +181,28 @@ class RunDir:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic.write_json(self.summary_file, {"format": FORMAT, **summary})
+
+    def new_metrics(self, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """The round records whole lines after byte `offset` hold, and the offset after
+        them: a follower of a running server never sees a line half-written. A file shorter
+        than `offset` was rewritten (a resumed run drops the rounds it redoes): read it again."""
+        if not self.metrics_file.exists():
+            return [], offset
+        if self.metrics_file.stat().st_size < offset:
+            offset = 0
+        with open(self.metrics_file, "rb") as handle:
+            handle.seek(offset)
+            chunk = handle.read()
+        complete = chunk[:chunk.rfind(b"\n") + 1]
+        records = []
+        for line in complete.decode(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # the server's own reader reports a bad line; a follower only shows progress
+            if isinstance(record, dict) and isinstance(record.get("round"), int):
+                records.append(record)
+        return records, offset + len(complete)
 
     def metrics(self) -> list[dict[str, Any]]:
         """Every round's record. A torn last line (a crash mid-write) is dropped with a

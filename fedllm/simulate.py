@@ -1,23 +1,30 @@
-"""`fedllm simulate`: run an experiment on Flower's simulation engine.
+"""`fedllm simulate`: run an experiment on Flower's simulation runtime, the supported way.
 
-The library does not import its apps: like `flwr run`, it loads them from the component
-references in pyproject.toml (`[tool.flwr.app.components]`), and hands each its config
-through the environment (Flower's `run_simulation` takes no run config): the server's
-request in `SERVER_CONFIG_ENV`, each simulated device's own config in `DEVICE_CONFIG_ENV`.
+A SuperLink in simulation mode on a free loopback port, and `flwr run` of a generated
+Flower app: its pyproject.toml names the components (`[tool.flwr.app.components]` of the
+project, or an experiment's own client app) and declares every config key with this
+run's value, so the ServerApp reads the run's config as Flower's run config. Each
+simulated device's own config (its policy, its paths) travels separately, in
+`DEVICE_CONFIG_ENV`: a test's server can then ask for something the devices refuse.
+
+Everything Flower, Ray, transformers and Opacus print goes to `simulation.log` in the
+run directory; the terminal shows fedllm's progress (followed from metrics.jsonl) and table.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
-import logging
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 import tomllib
-from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fedllm.config import Config, load_toml
 from fedllm.data import load_clients
@@ -28,24 +35,30 @@ from fedllm.rundir import RunDir
 
 DEFAULT_EXPERIMENT = "default.toml"
 EXPERIMENTS = "simulations"  # the package that holds experiment definitions (data, not code, for the library)
-SERVER_CONFIG_ENV = "FEDLLM_SERVER_CONFIG"  # what the server asks for: the run's config, or a test's hostile one
 DEVICE_CONFIG_ENV = "FEDLLM_DEVICE_CONFIG"  # a simulated device's own config: its policy, its paths
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 DEFAULT_COMPONENTS = {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+CONNECTION = "fedllm-simulation"  # the SuperLink connection's name in the run's FLWR_HOME
+STARTUP_SECONDS = 60.0
 
 
 def experiment_path(name: str = DEFAULT_EXPERIMENT) -> Path:
     return Path(str(resources.files(EXPERIMENTS) / name))
 
 
-def component(name: str, pyproject: Path = PYPROJECT) -> Any:
-    """The app object a component reference names (`module:attribute`), as `flwr run` loads
-    it; pyproject.toml's `[tool.flwr.app.components]` when the source tree is here."""
+def references(pyproject: Path = PYPROJECT) -> dict[str, str]:
+    """The component references (`module:attribute`) of pyproject.toml's
+    `[tool.flwr.app.components]` when the source tree is here, else the defaults."""
     refs = dict(DEFAULT_COMPONENTS)
     if pyproject.is_file():
         refs.update(tomllib.loads(pyproject.read_text()).get("tool", {}).get("flwr", {}).get("app", {})
                     .get("components", {}))
-    module, _, attribute = refs[name].partition(":")
+    return refs
+
+
+def component(name: str, pyproject: Path = PYPROJECT) -> Any:
+    """The app object a component reference names, loaded as `flwr run` loads it."""
+    module, _, attribute = references(pyproject)[name].partition(":")
     return getattr(importlib.import_module(module), attribute)
 
 
@@ -56,27 +69,27 @@ def load_experiment(path: Path | None, overrides: dict[str, Any]) -> Config:
     return Config.from_flat(values)
 
 
-def backend_config(config: Config) -> dict[str, Any]:
-    """Ray's resources: CPUs per client and, on a GPU machine, each client's share of a GPU
-    (0.25: four clients train on one GPU at once, each worker with its own frozen base)."""
+def federation_config(config: Config) -> dict[str, Any]:
+    """Flower's simulation settings (its `SimulationConfig` fields): the population, CPUs per
+    client and, on a GPU machine, each client's share of a GPU (0.25: four clients train on
+    one GPU at once, each worker with its own frozen base)."""
     import torch
 
     from fedllm.devices import gpus_per_client
 
     s = config.simulation
     if s.ray_address:  # an existing cluster: Ray knows its resources; fedllm only asks per client
-        return {"client_resources": {"num_cpus": s.cpus_per_client,
-                                     "num_gpus": float(s.gpus_per_client) if s.gpus_per_client != "auto" else 0.0}}
-    cpus = config.simulation.num_cpus or os.cpu_count() or 1
+        share = float(s.gpus_per_client) if s.gpus_per_client != "auto" else 0.0
+        return {"num_supernodes": config.num_clients, "client_resources_num_cpus": int(s.cpus_per_client),
+                "client_resources_num_gpus": share}
+    cpus = s.num_cpus or os.cpu_count() or 1
     share = gpus_per_client(s.gpus_per_client, cpus, s.cpus_per_client)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if share and not gpus:
         raise ConfigError(f"simulation.gpus-per-client={s.gpus_per_client}: this machine has no CUDA GPU; "
                           "use 0 (or auto)")
-    return {
-        "client_resources": {"num_cpus": s.cpus_per_client, "num_gpus": share},
-        "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False},
-    }
+    return {"num_supernodes": config.num_clients, "client_resources_num_cpus": int(s.cpus_per_client),
+            "client_resources_num_gpus": float(share), "init_args_num_cpus": int(cpus), "init_args_num_gpus": gpus}
 
 
 def check_before_start(config: Config) -> None:
@@ -93,74 +106,140 @@ def check_before_start(config: Config) -> None:
             )
 
 
-@contextlib.contextmanager
-def environment(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the block (Ray's workers inherit them), then restore."""
-    previous = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in previous.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
 
 
-@contextlib.contextmanager
-def cluster(address: str, env: dict[str, str]) -> Iterator[None]:
-    """Connect to an existing Ray cluster for the block (nothing when `address` is empty:
-    Flower starts a local one). Workers a cluster's nodes start do not inherit this
-    process's environment: what they need travels in Ray's runtime environment."""
-    if not address:
-        yield
+def write_app(folder: Path, config: Config, client_app: str | None = None) -> Path:
+    """A Flower app for this run: the project's components (or `client_app`, a
+    `module:attribute` reference) and every config key, declared with this run's value."""
+    refs = references()
+    if client_app:
+        refs["clientapp"] = client_app
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "fedllm-run"\nversion = "0.1.0"\ndescription = "A fedllm simulation"\n'
+        'license = "MIT"\ndependencies = []  # the app runs in this environment, where fedllm is installed\n\n'
+        '[tool.flwr.app]\npublisher = "fedllm"\n\n[tool.flwr.app.components]\n'
+        + "".join(f"{k} = {json.dumps(v)}\n" for k, v in refs.items())
+        + "\n[tool.flwr.app.config]\n"
+        + "".join(f"{json.dumps(k)} = {_toml(v)}\n" for k, v in config.to_flat().items()))
+    return folder
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _environment(flwr_home: Path, config: Config, device_config: Config) -> dict[str, str]:
+    """What Flower's processes, and the Ray workers they start, inherit: this process's
+    import path (an experiment's or a test's own client app), the devices' config, and the
+    Ray cluster to join, if any (Ray reads RAY_ADDRESS; Flower's config has no field for it)."""
+    from fedllm.deploy.processes import environment
+
+    env = environment(flwr_home)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    env[DEVICE_CONFIG_ENV] = json.dumps(device_config.to_flat())
+    env.setdefault("RAY_DEDUP_LOGS", "0")
+    env.setdefault("TQDM_DISABLE", "1")  # no progress bars in the log; the terminal has fedllm's own
+    if config.simulation.ray_address:
+        env["RAY_ADDRESS"] = config.simulation.ray_address
+    return env
+
+
+def _stop(process: subprocess.Popen | None) -> None:
+    if process is not None and process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _check_cluster(address: str) -> None:
+    """Refuse an unreachable simulation.ray-address here, with what to do, rather than deep in the run."""
+    if not address or address == "auto":
         return
-    import sys
-
-    import ray
-
-    env = {**env, "PYTHONPATH": os.pathsep.join(sys.path), "RAY_DEDUP_LOGS": "0"}
-    if os.environ.get("FEDLLM_CACHE"):
-        env["FEDLLM_CACHE"] = os.environ["FEDLLM_CACHE"]
+    host, _, port = address.rpartition(":")
     try:
-        ray.init(address=address, runtime_env={"env_vars": env})
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise FedllmError(f"simulation.ray-address={address}: cannot connect to a Ray cluster there ({exc}); start "
-                          "one with `ray start --head` and give the address it prints") from None
-    try:
-        yield
-    finally:
-        ray.shutdown()  # this process's connection only; the cluster keeps running
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            return
+    except (OSError, ValueError):
+        raise FedllmError(f"simulation.ray-address={address}: no Ray cluster answers there; start one with "
+                          "`ray start --head` and give the address it prints (host:port)") from None
 
 
-def simulate(config: Config, run_dir: Path, client_app=None, server_config: Config | None = None) -> dict[str, Any]:
+def simulate(config: Config, run_dir: Path, client_app: str | None = None, server_config: Config | None = None,
+             on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run the whole simulation; returns summary.json's content.
 
-    `client_app` defaults to the `clientapp` component; experiments and tests pass one that
-    wraps it. `server_config` (tests) makes the server ask for something other than the
-    devices' own config, as a hostile server would.
+    `client_app` (a `module:attribute` reference) replaces the project's client app
+    (experiments and tests wrap it); `server_config` (tests) makes the server ask for
+    something other than the devices' own config, as a hostile server would. `on_round`
+    sees each line of metrics.jsonl as the server appends it.
     """
-    from flwr.simulation import run_simulation
-
     check_before_start(config)
+    _check_cluster(config.simulation.ray_address)
     resolve_base(config)  # build the built-in base once, here, with a progress bar
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    run_dir = Path(run_dir).resolve()
+    run = RunDir(run_dir)
     own = config.with_values({"run-dir": str(run_dir)})
     server = (server_config or config).with_values({"run-dir": str(run_dir)})
-    run = RunDir(run_dir)
-    handed = {SERVER_CONFIG_ENV: json.dumps(server.to_flat()), DEVICE_CONFIG_ENV: json.dumps(own.to_flat())}
-    with environment(handed), cluster(config.simulation.ray_address, {DEVICE_CONFIG_ENV: handed[DEVICE_CONFIG_ENV]}):
+    flwr_home = run_dir / ".flwr"
+    app = write_app(flwr_home / "app", server, client_app)
+    port = _free_port()
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                                           f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    env = _environment(flwr_home, config, own)
+    federation = [f"{k}={_toml(v)}" for k, v in federation_config(config).items()]
+    log = run.log_file
+    superlink = launched = None
+    with open(log, "ab") as handle:
         try:
-            run_simulation(server_app=component("serverapp"), client_app=client_app or component("clientapp"),
-                           num_supernodes=config.num_clients, backend_config=backend_config(config))
-        except Exception:
-            if run.server_error():
-                raise FedllmError(run.server_error()) from None
-            raise
+            superlink = subprocess.Popen(
+                ["flower-superlink", "--simulation", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                 "--disable-runtime-dependency-installation"],
+                stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            from fedllm.deploy.processes import wait_for_port
+
+            wait_for_port("127.0.0.1", port, STARTUP_SECONDS, superlink, log, "the simulation's SuperLink")
+            launched = subprocess.Popen(
+                ["flwr", "run", str(app), CONNECTION, "--stream", "--federation-config", " ".join(federation)],
+                stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            _follow(run, launched, superlink, on_round)
+        finally:
+            _stop(launched)
+            _stop(superlink)
     if run.server_error():
         raise FedllmError(run.server_error())
     if not run.summary_file.exists():
-        raise RuntimeError(f"the simulation ended without writing {run.summary_file}; see the log above")
+        raise FedllmError(f"the simulation ended (flwr run exit status {launched.returncode if launched else '?'}) "
+                          f"without writing {run.summary_file}; see {log}")
     return run.summary()
+
+
+def _follow(run: RunDir, launched: subprocess.Popen, superlink: subprocess.Popen,
+            on_round: Callable[[dict[str, Any]], None] | None) -> None:
+    """Wait for `flwr run` (it streams until the run ends), handing each new metrics line on."""
+    offset = 0
+    while True:
+        finished = launched.poll() is not None
+        if superlink.poll() is not None and not finished:
+            raise FedllmError(f"the simulation's SuperLink exited with status {superlink.returncode}; "
+                              f"see {run.log_file}")
+        records, offset = run.new_metrics(offset)
+        for record in records:
+            if on_round is not None:
+                on_round(record)
+        if finished:
+            return
+        time.sleep(0.5)

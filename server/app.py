@@ -4,9 +4,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 from flwr.app import Context
@@ -17,7 +15,6 @@ from fedllm.config import Config
 from fedllm.errors import FedllmError
 from fedllm.plots import finish, format_summary
 from fedllm.rundir import RunDir, flwr_run_dir
-from fedllm.simulate import SERVER_CONFIG_ENV
 from server.round_loop import Server
 
 log = logging.getLogger("fedllm.server")
@@ -41,10 +38,6 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """`fedllm simulate` hands the config through the environment (Flower's simulation
-    takes no run config); `flwr run` (and `fedllm server`) through the run config."""
-    if os.environ.get(SERVER_CONFIG_ENV):
-        config = Config.from_flat(json.loads(os.environ[SERVER_CONFIG_ENV]))
-    else:
-        config = Config.from_flat(dict(context.run_config))
+    """The run's config is Flower's run config, under `flwr run`, `fedllm simulate` and `fedllm server` alike."""
+    config = Config.from_flat(dict(context.run_config))
     run_server(grid, config, Path(config.run_dir) if config.run_dir else flwr_run_dir(context.run_id))

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
-from tqdm.auto import tqdm
 
 from fedllm import aggregate
 from fedllm import messages as wire
@@ -32,6 +31,7 @@ from fedllm.config import Config
 from fedllm.errors import FedllmError
 from fedllm.data import synthetic
 from fedllm.model import adapter_state, attach_lora, base_model_bytes, load_base, resolve_base
+from fedllm.plots import Progress
 from fedllm.privacy.user_level import UserLevel
 from fedllm.rundir import RunDir
 from fedllm.shapes import shape_of
@@ -158,8 +158,8 @@ class Server:
             save_server_state(self, 0)
 
         # 4. The rounds: train, checkpoint, evaluate, record.
-        bar = tqdm(range(done + 1, config.num_server_rounds + 1), desc="rounds", unit="round")
-        for server_round in bar:
+        progress = Progress(config.num_server_rounds)
+        for server_round in range(done + 1, config.num_server_rounds + 1):
             t0 = time.time()
             record: dict[str, Any] = {"round": server_round, "train": self.train_round(server_round, draw())}
             record["checkpoint"] = str(save_checkpoint(self, server_round).relative_to(self.run.path))
@@ -167,15 +167,14 @@ class Server:
             if server_round % config.evaluate.every == 0 or last:
                 personalise = last and config.personal.method != "none"
                 last_eval = record["evaluate"] = self.evaluate(server_round, eval_nodes, personalise)
-                bar.set_postfix(ppl=f"{last_eval['mean'].get('perplexity', float('nan')):.2f}")
             record["seconds"] = round(time.time() - t0, 2)
             self.run.append_metrics(record)
             save_server_state(self, server_round)
-            tqdm.write(_progress(record, config.num_server_rounds, last_eval))
+            progress.perplexity = float(last_eval["mean"].get("perplexity", float("nan")))
+            print(progress.line(record), flush=True)  # `fedllm server`'s operator sees it through `flwr run --stream`
             if config.privacy.enabled:
                 self.books.privacy_summary(True, self.run_id)
             user_level_report(self, server_round)
-        bar.close()
 
         # 5. The summary.
         summary = self.summary(base_eval, last_eval, time.time() - started)
@@ -211,12 +210,3 @@ class Server:
             "final_checkpoint": str(self.run.checkpoint(config.num_server_rounds).relative_to(self.run.path)),
             "wall_seconds": round(seconds, 1),
         }
-
-
-def _progress(record: dict[str, Any], rounds: int, last_eval: dict) -> str:
-    losses = record["train"]["train_loss"]
-    return (f"round {record['round']}/{rounds}: {len(losses)} clients, "
-            f"train loss {statistics.fmean(losses) if losses else float('nan'):.3f}, "
-            f"held-out ppl {last_eval['mean'].get('perplexity', float('nan')):.2f}, "
-            f"{len(record['train']['dropped'])} dropped, {len(record['train']['declined'])} declined, "
-            f"{record['seconds']:.1f}s")

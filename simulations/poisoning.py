@@ -45,5 +45,5 @@ def run(name: str, overrides: dict[str, Any], run_dir: Path, poisoned: bool) -> 
 
     values = {"clients-per-round": 6, "privacy.enabled": False, **overrides}
     summary = simulate(load_experiment(experiment_path("tiny.toml"), values), run_dir,
-                       client_app=app if poisoned else None)
+                       client_app="simulations.poisoning:app" if poisoned else None)
     return {"name": name, "loss": held_out_loss(run_dir), "rejected": summary["rejected_replies"]}

@@ -9,7 +9,6 @@ from conftest import TINY
 def test_a_two_node_ray_cluster_runs_the_tiny_experiment(tmp_path, cache_dir):
     from ray.cluster_utils import Cluster
 
-    import node_client
     from fedllm.simulate import load_experiment, simulate
 
     cluster = Cluster(initialize_head=True, connect=False,
@@ -18,7 +17,7 @@ def test_a_two_node_ray_cluster_runs_the_tiny_experiment(tmp_path, cache_dir):
         worker = cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         config = load_experiment(TINY, {"simulation.ray-address": cluster.address, "num-server-rounds": 1})
-        summary = simulate(config, tmp_path / "run", client_app=node_client.app)
+        summary = simulate(config, tmp_path / "run", client_app="node_client:app")
         assert summary["rounds"] == 1 and summary["privacy"]["clients_reporting"] > 0
         reported = set((tmp_path / "run" / "nodes.txt").read_text().split())
         assert reported == {cluster.head_node.node_id, worker.node_id}, reported

@@ -34,11 +34,15 @@ def test_auto_is_the_cpu_here_and_an_absent_device_is_refused_by_name():
 
 @NO_CUDA
 def test_a_gpu_share_without_a_gpu_is_refused_before_ray_starts():
-    from fedllm.simulate import backend_config
+    from flwr.supercore.utils import simulation_config_from_json
 
-    assert backend_config(Config())["client_resources"]["num_gpus"] == 0.0
+    from fedllm.simulate import federation_config
+
+    settings = federation_config(Config())
+    assert settings["client_resources_num_gpus"] == 0.0 and settings["num_supernodes"] == Config().num_clients
+    simulation_config_from_json(settings)  # every name is one of Flower's SimulationConfig fields
     with pytest.raises(ConfigError, match="no CUDA GPU"):
-        backend_config(Config.from_flat({"simulation.gpus-per-client": "0.25"}))
+        federation_config(Config.from_flat({"simulation.gpus-per-client": "0.25"}))
     with pytest.raises(ConfigError, match="gpus-per-client"):
         Config.from_flat({"simulation.gpus-per-client": "2"})
 

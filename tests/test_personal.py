@@ -116,12 +116,11 @@ def test_personal_steps_are_charged_to_the_ledger(setup, tmp_path):
 def test_nothing_personal_leaves_the_device(tmp_path, cache_dir):
     """Every message a client sends: train replies carry exactly the global adapter's keys
     (its delta), evaluate and query replies carry no tensor at all."""
-    import recording_client
     from fedllm.simulate import load_experiment, simulate
 
     run_dir = tmp_path / "run"
     config = load_experiment(TINY, {"personal.method": "adapter", "clients-per-round": 3})
-    simulate(config, run_dir, client_app=recording_client.app)
+    simulate(config, run_dir, client_app="recording_client:app")
     sent = [json.loads(line) for line in (run_dir / "sent.jsonl").read_text().splitlines()]
     kinds = {e["kind"] for e in sent}
     assert kinds == {"train", "evaluate", "query"}

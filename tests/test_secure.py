@@ -52,7 +52,6 @@ def _read_npz(path):
 def test_secure_rounds_mask_each_update_sum_exactly_and_survive_dropouts(tmp_path, cache_dir):
     """10 clients, all sampled, 2 crash mid-round in every round; no noise (multiplier 0)
     so the server's update is exactly the sum of the survivors' clipped deltas / 10."""
-    import secure_client
     from fedllm.simulate import load_experiment, simulate
 
     run_dir = tmp_path / "run"
@@ -61,7 +60,7 @@ def test_secure_rounds_mask_each_update_sum_exactly_and_survive_dropouts(tmp_pat
         "secagg.enabled": True, "user-dp.enabled": True, "user-dp.sampling": "fixed",
         "user-dp.noise-multiplier": 0.0, "user-dp.clip": 0.01,
     })
-    simulate(config, run_dir, client_app=secure_client.app)
+    simulate(config, run_dir, client_app="secure_client:app")
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     for r in (1, 2):

@@ -92,11 +92,10 @@ def test_simulate_end_to_end(tmp_path, cache_dir, capsys):
 
 
 def test_malformed_updates_are_dropped_and_the_round_completes(tmp_path, cache_dir):
-    import faulty_client
     from fedllm.simulate import load_experiment, simulate
 
     config = load_experiment(TINY, {"clients-per-round": 6})
-    summary = simulate(config, tmp_path / "run", client_app=faulty_client.app)
+    summary = simulate(config, tmp_path / "run", client_app="faulty_client:app")
     rounds = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for record in rounds[1:]:
         reasons = sorted(d["reason"] for d in record["train"]["dropped"])

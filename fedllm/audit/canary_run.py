@@ -162,7 +162,7 @@ def run(config_path: Path | None, overrides: dict[str, Any], run_dir: Path, m: i
     data = run_dir / "audit" / "data"
     canaries = write_canary_data(config, data, m, seed)
     audited = config.with_values({"data.path": str(data)})
-    summary = simulate(audited, run_dir, client_app=observer)
+    summary = simulate(audited, run_dir, client_app=f"{__name__}:observer")
 
     scores, updates = score(run_dir, audited, canaries)
     guesses = guess(scores, [c["included"] for c in canaries], r)

@@ -24,6 +24,7 @@ def environment(flwr_home: Path | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"  # the app runs in this environment
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # offline: no usage events to Flower
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env

@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedllm.config import Config, load_toml
+from fedllm.deploy.processes import environment, stop, toml_table, toml_value, wait_for_port
 from fedllm.data import load_clients
 from fedllm.errors import ConfigError, FedllmError
 from fedllm.model import resolve_base
@@ -106,14 +106,6 @@ def check_before_start(config: Config) -> None:
             )
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    return repr(value)
-
-
 def write_app(folder: Path, config: Config, client_app: str | None = None) -> Path:
     """A Flower app for this run: the project's components (or `client_app`, a
     `module:attribute` reference) and every config key, declared with this run's value."""
@@ -128,7 +120,7 @@ def write_app(folder: Path, config: Config, client_app: str | None = None) -> Pa
         '[tool.flwr.app]\npublisher = "fedllm"\n\n[tool.flwr.app.components]\n'
         + "".join(f"{k} = {json.dumps(v)}\n" for k, v in refs.items())
         + "\n[tool.flwr.app.config]\n"
-        + "".join(f"{json.dumps(k)} = {_toml(v)}\n" for k, v in config.to_flat().items()))
+        + toml_table(config.to_flat()))
     return folder
 
 
@@ -142,8 +134,6 @@ def _environment(flwr_home: Path, config: Config, device_config: Config) -> dict
     """What Flower's processes, and the Ray workers they start, inherit: this process's
     import path (an experiment's or a test's own client app), the devices' config, and the
     Ray cluster to join, if any (Ray reads RAY_ADDRESS; Flower's config has no field for it)."""
-    from fedllm.deploy.processes import environment
-
     env = environment(flwr_home)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     env[DEVICE_CONFIG_ENV] = json.dumps(device_config.to_flat())
@@ -152,16 +142,6 @@ def _environment(flwr_home: Path, config: Config, device_config: Config) -> dict
     if config.simulation.ray_address:
         env["RAY_ADDRESS"] = config.simulation.ray_address
     return env
-
-
-def _stop(process: subprocess.Popen | None) -> None:
-    if process is not None and process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def _check_cluster(address: str) -> None:
@@ -200,7 +180,7 @@ def simulate(config: Config, run_dir: Path, client_app: str | None = None, serve
     (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
                                            f'address = "127.0.0.1:{port}"\ninsecure = true\n')
     env = _environment(flwr_home, config, own)
-    federation = [f"{k}={_toml(v)}" for k, v in federation_config(config).items()]
+    federation = [f"{k}={toml_value(v)}" for k, v in federation_config(config).items()]
     log = run.log_file
     superlink = launched = None
     with open(log, "ab") as handle:
@@ -209,16 +189,14 @@ def simulate(config: Config, run_dir: Path, client_app: str | None = None, serve
                 ["flower-superlink", "--simulation", "--insecure", "--host", "127.0.0.1", "--port", str(port),
                  "--disable-runtime-dependency-installation"],
                 stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            from fedllm.deploy.processes import wait_for_port
-
             wait_for_port("127.0.0.1", port, STARTUP_SECONDS, superlink, log, "the simulation's SuperLink")
             launched = subprocess.Popen(
                 ["flwr", "run", str(app), CONNECTION, "--stream", "--federation-config", " ".join(federation)],
                 stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             _follow(run, launched, superlink, on_round)
         finally:
-            _stop(launched)
-            _stop(superlink)
+            stop(launched)
+            stop(superlink)
     if run.server_error():
         raise FedllmError(run.server_error())
     if not run.summary_file.exists():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -86,3 +87,27 @@ def register_node(public_key: Path, flwr_home: Path) -> str:
     if "already in use" in error:
         return ""
     raise FedllmError(f"could not register node key {public_key}: {error}")
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def toml_table(values: dict) -> str:
+    """Flat `"key" = value` lines, as `flwr run --run-config FILE` and `[tool.flwr.app.config]` take them."""
+    return "".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in values.items())
+
+
+def stop(process: subprocess.Popen | None, timeout: float = 30) -> None:
+    """Stop a process started in its own session, and everything it started."""
+    if process is not None and process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

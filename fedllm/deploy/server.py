@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
 import subprocess
 from pathlib import Path
 
@@ -30,17 +28,9 @@ def app_dir() -> Path:
     return root
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    return repr(value)
-
-
 def write_run_config(config: Config, path: Path) -> Path:
     """Every key, flat, as `flwr run --run-config FILE` takes them."""
-    path.write_text("".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in config.to_flat().items()))
+    path.write_text(processes.toml_table(config.to_flat()))
     return path
 
 
@@ -49,15 +39,6 @@ def node_keys(nodes: Path) -> list[Path]:
     if not keys:
         raise FedllmError(f"--nodes {nodes}: no *.pub node public keys found (make some with `fedllm certs DIR`)")
     return keys
-
-
-def _stop(process: subprocess.Popen | None) -> None:
-    if process is not None and process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def register(public_key: Path, run_dir: Path) -> str:
@@ -116,5 +97,5 @@ def serve(config: Config, run_dir: Path, *, ca_cert: Path, cert: Path, key: Path
                               f"see {log} and the output above")
         return json.loads(summary.read_text())
     finally:
-        _stop(proxy)
-        _stop(superlink)
+        processes.stop(proxy, 20)
+        processes.stop(superlink, 20)

@@ -3,6 +3,10 @@ client work runs on both, as the nodes themselves report."""
 
 from __future__ import annotations
 
+import socket
+
+import pytest
+
 from conftest import TINY
 
 
@@ -23,3 +27,16 @@ def test_a_two_node_ray_cluster_runs_the_tiny_experiment(tmp_path, cache_dir):
         assert reported == {cluster.head_node.node_id, worker.node_id}, reported
     finally:
         cluster.shutdown()
+
+
+def test_an_unreachable_cluster_is_refused_before_anything_starts(tmp_path, cache_dir):
+    from fedllm.errors import FedllmError
+    from fedllm.simulate import load_experiment, simulate
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once the probe closes
+    config = load_experiment(TINY, {"simulation.ray-address": f"127.0.0.1:{port}"})
+    with pytest.raises(FedllmError, match="simulation.ray-address.*ray start --head"):
+        simulate(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

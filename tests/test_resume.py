@@ -115,6 +115,24 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, caplog):
         run.metrics()
 
 
+def test_a_follower_sees_whole_lines_only_and_rereads_a_rewritten_file(tmp_path):
+    """What `fedllm simulate` prints while the server writes metrics.jsonl."""
+    run = RunDir(tmp_path)
+    assert run.new_metrics(0) == ([], 0)
+    run.append_metrics({"round": 0})
+    with open(run.metrics_file, "a") as handle:
+        handle.write('{"round": 1, "tra')  # the server is mid-write
+    records, offset = run.new_metrics(0)
+    assert [r["round"] for r in records] == [0]
+    with open(run.metrics_file, "a") as handle:
+        handle.write('in": {}}\n')
+    records, offset = run.new_metrics(offset)
+    assert [r["round"] for r in records] == [1]
+    run.keep_metrics_through(0)  # a resumed run drops the rounds it redoes: the file shrinks
+    records, _ = run.new_metrics(offset)
+    assert [r["round"] for r in records] == [0]
+
+
 def test_a_ledger_relabelled_old_is_refused_and_a_genuine_old_one_migrates(tmp_path):
     from fedllm.privacy.ledger import Ledger, LedgerError
 

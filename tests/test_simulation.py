@@ -55,6 +55,13 @@ def test_simulate_end_to_end(tmp_path, cache_dir, capsys):
     assert main(["simulate", "--config", str(TINY), "--run-dir", str(run_dir), "--set", "privacy.enabled=false"]) == 0
     out = capsys.readouterr().out
     assert "held-out perplexity" in out and "upload per client/round" in out
+    # A clean terminal: fedllm's progress and table; Flower's runtime (a SuperLink in simulation
+    # mode, `flwr run`), Ray and the workers wrote to the run's log instead.
+    assert "round 1/2:" in out and "round 2/2:" in out
+    for noise in ("DEPRECATED", "run_simulation", "fraction_evaluate", "FutureWarning", "Optimal order", "WARNING"):
+        assert noise not in out, noise
+    log = (run_dir / "simulation.log").read_text()
+    assert "Starting Flower SuperLink" in log and "Starting Flower Simulation" in log
 
     config = json.loads((run_dir / "config.json").read_text())
     assert config["num-clients"] == 6 and config["run-dir"] == str(run_dir)

@@ -2,8 +2,8 @@
 
 A SuperLink in simulation mode on a free loopback port, and `flwr run` of a generated
 Flower app: its pyproject.toml names the components (`[tool.flwr.app.components]` of the
-project, or an experiment's own client app) and declares every config key with this
-run's value, so the ServerApp reads the run's config as Flower's run config. Each
+project, or an experiment's own client app) and declares this run's config (the keys
+that differ from the defaults), so the ServerApp reads it as Flower's run config. Each
 simulated device's own config (its policy, its paths) travels separately, in
 `DEVICE_CONFIG_ENV`: a test's server can then ask for something the devices refuse.
 
@@ -108,10 +108,16 @@ def check_before_start(config: Config) -> None:
 
 def write_app(folder: Path, config: Config, client_app: str | None = None) -> Path:
     """A Flower app for this run: the project's components (or `client_app`, a
-    `module:attribute` reference) and every config key, declared with this run's value."""
+    `module:attribute` reference) and the config keys whose value is not the default.
+
+    Only those: Flower keeps two copies of the run config per simulated node and ships one
+    with every message, so a run of 10,000 nodes pays for each key declared here. The
+    ServerApp fills in the defaults, as `Config.from_flat` always does."""
     refs = references()
     if client_app:
         refs["clientapp"] = client_app
+    defaults = Config().to_flat()
+    declared = {k: v for k, v in config.to_flat().items() if k == "run-dir" or defaults.get(k) != v}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "pyproject.toml").write_text(
         '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
@@ -119,8 +125,7 @@ def write_app(folder: Path, config: Config, client_app: str | None = None) -> Pa
         'license = "MIT"\ndependencies = []  # the app runs in this environment, where fedllm is installed\n\n'
         '[tool.flwr.app]\npublisher = "fedllm"\n\n[tool.flwr.app.components]\n'
         + "".join(f"{k} = {json.dumps(v)}\n" for k, v in refs.items())
-        + "\n[tool.flwr.app.config]\n"
-        + toml_table(config.to_flat()))
+        + "\n[tool.flwr.app.config]\n" + toml_table(declared))
     return folder
 
 

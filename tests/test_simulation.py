@@ -188,3 +188,20 @@ def test_one_poisoning_client_in_six_is_contained(tmp_path, cache_dir):
     assert bounded["rejected"] == 2 and median["rejected"] == 0  # dropped by the bound; outvoted by the median
     for result in (bounded, median):
         assert abs(result["loss"] / clean["loss"] - 1) < 0.01, (result, clean)
+
+
+def test_the_generated_app_declares_the_runs_config_and_nothing_else(tmp_path):
+    """What the ServerApp reads back is the run's config; only non-default keys are declared
+    (Flower copies the run config per simulated node), and the components are the project's
+    unless an experiment names its own client app."""
+    import tomllib
+
+    from fedllm.simulate import load_experiment, write_app
+
+    config = load_experiment(TINY, {"run-dir": str(tmp_path / "run"), "strategy.name": "fedadam"})
+    app = tomllib.loads((write_app(tmp_path / "app", config, "faulty_client:app") / "pyproject.toml").read_text())
+    declared = app["tool"]["flwr"]["app"]["config"]
+    assert Config.from_flat(declared) == config
+    assert "strategy.name" in declared and "privacy.delta" not in declared and len(declared) < 30
+    assert app["tool"]["flwr"]["app"]["components"] == {"serverapp": "server.app:app",
+                                                         "clientapp": "faulty_client:app"}

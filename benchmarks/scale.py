@@ -34,6 +34,8 @@ from pathlib import Path
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from client import app as real
+
 RECORDS_PER_CLIENT = 6
 ROUNDS = 3
 TIMINGS = "client-seconds.jsonl"
@@ -43,8 +45,6 @@ app = ClientApp()  # fedllm's ClientApp; each train call's seconds go to <run-di
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    from client import app as real
-
     started = time.perf_counter()
     reply = real.train(msg, context)
     seconds = time.perf_counter() - started
@@ -54,18 +54,8 @@ def train(msg: Message, context: Context) -> Message:
     return reply
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    from client import app as real
-
-    return real.evaluate(msg, context)
-
-
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    from client import app as real
-
-    return real.query(msg, context)
+app.evaluate()(real.evaluate)
+app.query()(real.query)
 
 
 def write_dataset(path: Path, population: int) -> Path:

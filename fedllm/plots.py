@@ -74,23 +74,32 @@ def finish(run_dir: Path, table: str) -> dict[str, Any]:
 
 class Progress:
     """One terminal line per round, from its metrics.jsonl record; the held-out perplexity
-    is the latest evaluated (rounds between evaluations show the last one)."""
+    is the latest evaluated (rounds between evaluations show the last one). A record that
+    is not what the server writes shows nothing: a follower only shows progress."""
 
-    def __init__(self, rounds: int):
+    def __init__(self, rounds: int, perplexity: float = float("nan")):
         self.rounds = rounds
-        self.perplexity = float("nan")
+        self.perplexity = perplexity
 
     def line(self, record: dict[str, Any]) -> str | None:
-        if "evaluate" in record:
-            self.perplexity = float(record["evaluate"].get("mean", {}).get("perplexity", float("nan")))
-        if "train" not in record:
+        evaluated, train = record.get("evaluate"), record.get("train")
+        if isinstance(evaluated, dict) and isinstance(evaluated.get("mean"), dict):
+            self.perplexity = _number(evaluated["mean"].get("perplexity"))
+        if not isinstance(train, dict):
             return None  # round 0: the base, evaluated before training
-        train = record["train"]
-        losses = train.get("train_loss", [])
-        return (f"round {record['round']}/{self.rounds}: {len(losses)} clients, "
+        losses = [_number(x) for x in train.get("train_loss", [])] if isinstance(train.get("train_loss"), list) else []
+        return (f"round {record.get('round')}/{self.rounds}: {len(losses)} clients, "
                 f"train loss {statistics.fmean(losses) if losses else float('nan'):.3f}, "
-                f"held-out ppl {self.perplexity:.2f}, {len(train.get('dropped', []))} dropped, "
-                f"{len(train.get('declined', []))} declined, {record.get('seconds', 0.0):.1f}s")
+                f"held-out ppl {self.perplexity:.2f}, {_count(train.get('dropped'))} dropped, "
+                f"{_count(train.get('declined'))} declined, {_number(record.get('seconds')):.1f}s")
+
+
+def _count(value: Any) -> int:
+    return len(value) if isinstance(value, list) else 0
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
 
 
 def user_level_line(user: dict[str, Any]) -> str:

@@ -194,14 +194,8 @@ class RunDir:
             handle.seek(offset)
             chunk = handle.read()
         complete = chunk[:chunk.rfind(b"\n") + 1]
-        records = []
-        for line in complete.decode(errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # the server's own reader reports a bad line; a follower only shows progress
-            if isinstance(record, dict) and isinstance(record.get("round"), int):
-                records.append(record)
+        # a bad line is the server's own reader's to report (`metrics`); a follower only shows progress
+        records = [r for line in complete.decode(errors="replace").splitlines() if (r := _round_record(line))]
         return records, offset + len(complete)
 
     def metrics(self) -> list[dict[str, Any]]:
@@ -213,22 +207,28 @@ class RunDir:
                  if line.strip()]
         records = []
         for n, (number, line) in enumerate(lines):
-            try:
-                record = json.loads(line)
-                if not isinstance(record, dict) or not isinstance(record.get("round"), int):
-                    raise ValueError("not a round record")
-            except ValueError:
+            record = _round_record(line)
+            if record is None:
                 if n == len(lines) - 1:
                     logging.getLogger("fedllm").warning("%s: line %d is torn (a crash while writing?); dropped",
                                                         self.metrics_file, number)
                     break
                 raise FedllmError(f"{self.metrics_file}: line {number} is not a round record; restore the file "
-                                  "from a backup, or remove that line and those after it") from None
+                                  "from a backup, or remove that line and those after it")
             records.append(record)
         return records
 
     def summary(self) -> dict[str, Any]:
         return json.loads(self.summary_file.read_text())
+
+
+def _round_record(line: str) -> dict[str, Any] | None:
+    """One metrics.jsonl line as a round record, or None when it is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("round"), int) else None
 
 
 def _cell(value: Any) -> str:

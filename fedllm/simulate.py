@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedllm.config import Config, load_toml
-from fedllm.deploy.processes import environment, stop, toml_table, toml_value, wait_for_port
+from fedllm.deploy.processes import environment, stop, toml_table, toml_value, wait_for_port, write_connection
 from fedllm.data import load_clients
 from fedllm.errors import ConfigError, FedllmError
 from fedllm.model import resolve_base
@@ -78,18 +78,17 @@ def federation_config(config: Config) -> dict[str, Any]:
     from fedllm.devices import gpus_per_client
 
     s = config.simulation
+    settings: dict[str, Any] = {"num_supernodes": config.num_clients, "client_resources_num_cpus": int(s.cpus_per_client)}
     if s.ray_address:  # an existing cluster: Ray knows its resources; fedllm only asks per client
-        share = float(s.gpus_per_client) if s.gpus_per_client != "auto" else 0.0
-        return {"num_supernodes": config.num_clients, "client_resources_num_cpus": int(s.cpus_per_client),
-                "client_resources_num_gpus": share}
+        return {**settings, "client_resources_num_gpus": float(s.gpus_per_client) if s.gpus_per_client != "auto" else 0.0}
     cpus = s.num_cpus or os.cpu_count() or 1
     share = gpus_per_client(s.gpus_per_client, cpus, s.cpus_per_client)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if share and not gpus:
         raise ConfigError(f"simulation.gpus-per-client={s.gpus_per_client}: this machine has no CUDA GPU; "
                           "use 0 (or auto)")
-    return {"num_supernodes": config.num_clients, "client_resources_num_cpus": int(s.cpus_per_client),
-            "client_resources_num_gpus": float(share), "init_args_num_cpus": int(cpus), "init_args_num_gpus": gpus}
+    return {**settings, "client_resources_num_gpus": float(share), "init_args_num_cpus": int(cpus),
+            "init_args_num_gpus": gpus}
 
 
 def check_before_start(config: Config) -> None:
@@ -153,7 +152,7 @@ def _check_cluster(address: str) -> None:
     """Refuse an unreachable simulation.ray-address here, with what to do, rather than deep in the run."""
     if not address or address == "auto":
         return
-    host, _, port = address.rpartition(":")
+    host, _, port = address.split("://", 1)[-1].rpartition(":")  # host:port, or a Ray Client's ray://host:port
     try:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
             return
@@ -181,9 +180,7 @@ def simulate(config: Config, run_dir: Path, client_app: str | None = None, serve
     flwr_home = run_dir / ".flwr"
     app = write_app(flwr_home / "app", server, client_app)
     port = _free_port()
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                                           f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    write_connection(flwr_home, f"127.0.0.1:{port}", None, CONNECTION)
     env = _environment(flwr_home, config, own)
     federation = [f"{k}={toml_value(v)}" for k, v in federation_config(config).items()]
     log = run.log_file

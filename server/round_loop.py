@@ -158,7 +158,7 @@ class Server:
             save_server_state(self, 0)
 
         # 4. The rounds: train, checkpoint, evaluate, record.
-        progress = Progress(config.num_server_rounds)
+        progress = Progress(config.num_server_rounds, last_eval["mean"].get("perplexity", float("nan")))
         for server_round in range(done + 1, config.num_server_rounds + 1):
             t0 = time.time()
             record: dict[str, Any] = {"round": server_round, "train": self.train_round(server_round, draw())}
@@ -170,7 +170,6 @@ class Server:
             record["seconds"] = round(time.time() - t0, 2)
             self.run.append_metrics(record)
             save_server_state(self, server_round)
-            progress.perplexity = float(last_eval["mean"].get("perplexity", float("nan")))
             print(progress.line(record), flush=True)  # `fedllm server`'s operator sees it through `flwr run --stream`
             if config.privacy.enabled:
                 self.books.privacy_summary(True, self.run_id)

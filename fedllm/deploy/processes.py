@@ -37,12 +37,13 @@ def require_file(path: Path | None, what: str, flag: str) -> Path:
     return Path(path)
 
 
-def write_connection(flwr_home: Path, address: str, ca_cert: Path) -> None:
-    """The `flwr` CLI's connection to this SuperLink (TLS verified with `ca_cert`)."""
+def write_connection(flwr_home: Path, address: str, ca_cert: Path | None, name: str = CONNECTION) -> None:
+    """The `flwr` CLI's connection `name` to this SuperLink: TLS verified with `ca_cert`, or,
+    without one, plain (a simulation's SuperLink, on loopback only)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
+    security = f'root-certificates = "{Path(ca_cert).resolve()}"\n' if ca_cert is not None else "insecure = true\n"
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n'
-        f'root-certificates = "{Path(ca_cert).resolve()}"\n')
+        f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{address}"\n' + security)
 
 
 def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Popen | None = None,

@@ -140,7 +140,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     config, record, policy = _config(msg, context)
     request = Request(_round(record), _run_id(record))
     global_state = msg.content[wire.ARRAYS].to_torch_state_dict()
-    reply = evaluate_round(config, _partition(context), global_state)
+    reply = evaluate_round(config, _partition(context), global_state, request)
     if record.get(wire.PERSONALISE, False) is True:
         personal, reply.report = personalise(config, _partition(context), global_state, request,
                                              global_metrics=reply.metrics, policy=policy)

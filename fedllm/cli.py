@@ -11,6 +11,10 @@
     fedllm client --superlink HOST:PORT --ca-cert F --key F --data PATH --state-dir DIR [--require-secagg]
                   [--require-dp] [--max-epsilon E] [--max-delta D] [--require-user-dp] [--model NAME]
                   [--device auto|cpu|cuda[:N]|mps] [--dtype auto|float32|bfloat16|float16]
+    fedllm client status --state-dir DIR [--client-id ID]
+    fedllm generate --state-dir DIR [--client-id ID] [--adapter personal|global|base] [--prompt TEXT | -]
+                    [--max-new-tokens N] [--temperature T] [--seed S]
+    fedllm export --state-dir DIR [--client-id ID] --out OUT [--format hf|onnx|gguf] [--adapter ...]
     fedllm keys
 """
 
@@ -178,6 +182,50 @@ def cmd_client(args: argparse.Namespace) -> int:
     return 0  # not reached: the daemon became the SuperNode
 
 
+def cmd_client_status(args: argparse.Namespace) -> int:
+    from fedllm.device_status import status_lines
+    from fedllm.state import find_store
+
+    for line in status_lines(find_store(args.state_dir, args.client_id)):
+        print(line)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from fedllm.personal_model import generate, load_device_model
+    from fedllm.state import find_store
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    device_model = load_device_model(find_store(args.state_dir, args.client_id), args.adapter)
+    text, _ = generate(device_model.model, device_model.tokenizer, prompt, args.max_new_tokens, args.temperature,
+                       args.seed)
+    print(prompt + text)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedllm.export import export
+    from fedllm.state import find_store
+
+    result = export(find_store(args.state_dir, args.client_id), args.out, args.format, args.adapter)
+    for line in result.lines():
+        print(line)
+    return 0
+
+
+def _add_store_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=Path, required=True,
+                        help="the device's state store (`fedllm client --state-dir`, or a simulation's "
+                             "RUN_DIR/clients)")
+    parser.add_argument("--client-id", default="", help="which client, where the store holds several")
+
+
+def _add_adapter_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", default="personal", choices=("personal", "global", "base"),
+                        help="personal: base + global + personal adapter (default); global: base + the latest "
+                             "global adapter; base: the base alone")
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     for key, default, note in describe_keys():
         print(f"{key:<28} {default!r:<12} {note}")
@@ -301,6 +349,30 @@ def build_parser() -> argparse.ArgumentParser:
                              "weights and the deltas sent stay float32")
     client.set_defaults(func=cmd_client)
 
+    status = sub.add_parser("client-status", help=argparse.SUPPRESS, prog="fedllm client status",
+                            description="The device's personal adapter (version, round, records seen) and its "
+                                        "ledger's epsilon, from its state store.")
+    _add_store_args(status)
+    status.set_defaults(func=cmd_client_status)
+
+    gen = sub.add_parser("generate", help="generate text on this device from its own model (nothing is fetched)")
+    _add_store_args(gen)
+    _add_adapter_arg(gen)
+    gen.add_argument("--prompt", default="", help="the text to continue; '-' reads it from standard input")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="at most this many new tokens (64)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy (0.8)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed: the same seed gives the same text (0)")
+    gen.set_defaults(func=cmd_generate)
+
+    exp = sub.add_parser("export", help="write the device's merged model for another runtime, verified")
+    _add_store_args(exp)
+    _add_adapter_arg(exp)
+    exp.add_argument("--out", type=Path, required=True, help="a new, empty folder")
+    exp.add_argument("--format", default="hf", choices=("hf", "onnx", "gguf"),
+                     help="hf: safetensors for transformers (default); onnx: for onnxruntime, logits checked "
+                          "against PyTorch")
+    exp.set_defaults(func=cmd_export)
+
     keys = sub.add_parser("keys", help="list every config key with its default")
     keys.set_defaults(func=cmd_keys)
     return parser
@@ -310,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["audit", "canary"]:  # a sub-command of `audit`, whose first argument is otherwise a path
         argv = ["audit-canary", *argv[2:]]
+    if argv[:2] == ["client", "status"]:
+        argv = ["client-status", *argv[2:]]
     if argv[:2] == ["server", "register"]:
         argv = ["server-register", *argv[2:]]
     args = build_parser().parse_args(argv)

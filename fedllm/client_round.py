@@ -33,7 +33,7 @@ from fedllm.privacy.ledger import Ledger
 from fedllm.privacy.policy import DevicePolicy, refusal
 from fedllm.privacy.report import client_report
 from fedllm.privacy.user_level import clip_delta
-from fedllm.state import StateStore, state_root
+from fedllm.state import MODEL_KEYS, StateStore, state_root
 from fedllm.train import TrainResult, loader_for, make_optimizer, train_local
 from fedllm.worker import Worker, examples_for, worker_for
 
@@ -141,6 +141,7 @@ def train_round(config: Config, source: Source, global_state: dict[str, torch.Te
     worker = worker_for(config)                                                           # 4
     train_examples, _ = examples_for(worker, data, config.model.max_length)
     load_adapter_state(worker.model, global_state)
+    keep_global(config, worker, data, global_state, request)
     result = train_steps(config, worker, train_examples, config.local_steps, config.train.lr,
                          client_seed(config.seed, request.server_round, data.client_id), ledger,
                          request.proximal_mu)
@@ -148,13 +149,40 @@ def train_round(config: Config, source: Source, global_state: dict[str, torch.Te
     delta = {k: local[k] - global_state[k].to(torch.float32) for k in local}
     if config.user_dp.enabled:                                                            # 6
         delta, _ = clip_delta(delta, config.user_dp.clip)  # the norm itself stays on the device
+    if config.personal.every_round and config.personal.method != "none":
+        personal_every_round(config, worker, data, global_state, request, ledger)
     report = client_report(ledger, "", config.privacy.target_epsilon) if ledger is not None else None  # 7
     return wire.TrainReply(data.client_id, delta=delta, report=report, metrics={
         wire.NUM_EXAMPLES: data.num_records, wire.TRAIN_LOSS: result.loss, wire.STEPS: result.steps,
         wire.EPSILON: report["epsilon"] if report else 0.0})
 
 
-def evaluate_round(config: Config, source: Source, global_state: dict[str, torch.Tensor]) -> wire.EvalReply:
+def personal_every_round(config: Config, worker: Worker, data: ClientData, global_state: dict[str, torch.Tensor],
+                         request: Request, ledger: Ledger | None) -> None:
+    """Ditto's protocol: after its shared steps, the device trains its personal adapter
+    against the global one it just received; charged first, skipped (not declined: the
+    shared update is already paid for) when the budget cannot cover it."""
+    from fedllm.personal_round import update_personal
+
+    if ledger is not None:
+        charge = ledger.next_charge(request.server_round, config.personal.steps, "personal", request.run_id)
+        if charge_or_decline(ledger, [charge], config.privacy.target_epsilon):
+            return
+    update_personal(config, worker, data, global_state, request, ledger, "every-round")
+
+
+def keep_global(config: Config, worker: Worker, data: ClientData, global_state: dict[str, torch.Tensor],
+                request: Request) -> None:
+    """Keep the global adapter (it has loaded, so it fits the base) and what it is an
+    adapter of in the state store: the device uses it offline (`fedllm generate`)."""
+    flat = config.to_flat()
+    info = {"client_id": data.client_id, "base": worker.base, "config": {k: flat[k] for k in MODEL_KEYS},
+            "global_round": request.server_round, "run": request.run_id}
+    StateStore(state_root(config), data.client_id).save_global(global_state, info)
+
+
+def evaluate_round(config: Config, source: Source, global_state: dict[str, torch.Tensor],
+                   request: Request | None = None) -> wire.EvalReply:
     """Held-out metrics of the global adapter on this client."""
     from fedllm.evaluate import evaluate
 
@@ -162,5 +190,7 @@ def evaluate_round(config: Config, source: Source, global_state: dict[str, torch
     data = client_data(config, source)
     _, heldout = examples_for(worker, data, config.model.max_length)
     load_adapter_state(worker.model, global_state)
+    if request is not None:
+        keep_global(config, worker, data, global_state, request)
     metrics = evaluate(worker.model, heldout, config.evaluate.batch_size, worker.tokenizer.pad_token_id)
     return wire.EvalReply(data.client_id, {wire.NUM_EXAMPLES: len(data.heldout), **metrics})

@@ -189,6 +189,9 @@ class PersonalConfig:
     lambda_: float = _key(0.1, *NON_NEG_FLOAT, doc="Ditto: weight of (lambda/2)*||personal - global||^2")
     early_stopping: bool = _key(True, None, "true or false",
                                 "without DP: keep the step with the best loss on the last 20% of training records")
+    every_round: bool = _key(False, None, "true or false",
+                             "update the personal adapter after every training participation (Ditto's protocol), "
+                             "not only when evaluated after the last round; each update is charged under DP")
 
 
 @dataclass(frozen=True)
@@ -301,9 +304,12 @@ def planned_rounds(config: Config) -> int:
 
 def planned_steps(config: Config) -> int:
     """DP-SGD steps a client's noise is calibrated for: its planned training rounds, plus,
-    when personalisation is on, one personalisation and one local-only baseline."""
-    personal = 2 * config.personal.steps if config.personal.method != "none" else 0
-    return planned_rounds(config) * config.local_steps + personal
+    when personalisation is on, one personalisation and one local-only baseline, and with
+    `personal.every-round` a personal update in every training round too."""
+    personalising = config.personal.method != "none"
+    personal = 2 * config.personal.steps if personalising else 0
+    per_round = config.local_steps + (config.personal.steps if personalising and config.personal.every_round else 0)
+    return planned_rounds(config) * per_round + personal
 
 
 def _kebab(name: str) -> str:

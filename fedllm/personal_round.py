@@ -30,6 +30,62 @@ def _prefixed(prefix: str, values: dict[str, float]) -> dict[str, float]:
     return {f"{prefix}-{k}": values[k] for k in wire.SUMMARY_VALUES}
 
 
+def fit_personal(config: Config, worker, data, train_examples, kind: str, request: Request, ledger,
+                 **kw) -> None:
+    """Train personal (or local-only) steps. Early-stopped on a split of the training
+    records when DP is off and the client has enough records to spare some (a split would
+    be a second, uncharged use)."""
+    p, pad, batch = config.personal, worker.tokenizer.pad_token_id, config.evaluate.batch_size
+    records, stopper = train_examples, None
+    if ledger is None and p.early_stopping and len(train_examples) >= 10:
+        n_val = max(2, len(train_examples) // 5)
+        records, validation = train_examples[:-n_val], train_examples[-n_val:]
+        stopper = EarlyStopping(worker.model, lambda: evaluate(worker.model, validation, batch, pad)["loss"],
+                                every=max(1, p.steps // 5))
+    seed = client_seed(config.seed, request.server_round, f"{data.client_id}/{kind}")
+    train_steps(config, worker, records, p.steps, p.lr, seed, ledger, after_step=stopper, **kw)
+    if stopper is not None:
+        stopper.restore()
+
+
+def update_personal(config: Config, worker, data, global_state: dict[str, torch.Tensor], request: Request,
+                    ledger, reason: str, heldout=None) -> dict[str, float] | None:
+    """Train this device's personal adapter from `global_state` (its steps already charged
+    when `ledger` is given), keep it with a new version in the state store, and return its
+    held-out metrics (None when `heldout` is not given or the method keeps nothing)."""
+    p = config.personal
+    if p.method == "none":
+        return None
+    store = StateStore(state_root(config), data.client_id)
+    train_examples, own_heldout = examples_for(worker, data, config.model.max_length)
+    heldout = own_heldout if heldout is None else heldout
+    pad, batch = worker.tokenizer.pad_token_id, config.evaluate.batch_size
+    load_adapter_state(worker.model, global_state)
+    try:
+        if p.method == "finetune":
+            fit_personal(config, worker, data, train_examples, "personal", request, ledger)
+            save_state(store.personal_path("finetune"), adapter_state(worker.model))
+            metrics = evaluate(worker.model, heldout, batch, pad)
+        elif p.method == "ditto":  # Ditto: the personal model trains against this round's global one
+            anchor = trainable_snapshot(worker.model)  # the global adapter, by parameter name
+            load_adapter_state(worker.model, load_state(store.personal_path("ditto")) or global_state)
+            fit_personal(config, worker, data, train_examples, "personal", request, ledger,
+                         proximal_mu=p.lambda_, anchor=anchor)
+            save_state(store.personal_path("ditto"), adapter_state(worker.model))
+            metrics = evaluate(worker.model, heldout, batch, pad)
+        else:  # a personal adapter stacked on the global one
+            with stacked_personal_adapter(worker.model, p, config.lora, load_state(store.personal_path("adapter")),
+                                          client_seed(config.seed, request.server_round, f"{data.client_id}/init")):
+                fit_personal(config, worker, data, train_examples, "personal", request, ledger)
+                save_state(store.personal_path("adapter"), personal_state(worker.model))
+                metrics = evaluate(worker.model, heldout, batch, pad)
+    finally:
+        load_adapter_state(worker.model, global_state)
+    store.record_personal(p.method, request.server_round, request.run_id, data.num_records,
+                          ledger.epsilon() if ledger is not None else None, reason)
+    return metrics
+
+
 def personalise(config: Config, source: Source, global_state: dict[str, torch.Tensor], request: Request,
                 global_metrics: dict[str, float] | None = None,
                 policy: DevicePolicy | None = None) -> tuple[dict[str, float], dict | None]:
@@ -60,46 +116,15 @@ def personalise(config: Config, source: Source, global_state: dict[str, torch.Te
         if declined:
             return kept, client_report(ledger, declined, config.privacy.target_epsilon)
 
-    def fit(kind: str, **kw) -> None:
-        """Early-stopped on a split of the training records when DP is off and the client
-        has enough records to spare some (a split would be a second, uncharged use)."""
-        records, stopper = train_examples, None
-        if ledger is None and p.early_stopping and len(train_examples) >= 10:
-            n_val = max(2, len(train_examples) // 5)
-            records, validation = train_examples[:-n_val], train_examples[-n_val:]
-            stopper = EarlyStopping(worker.model, lambda: evaluate(worker.model, validation, batch, pad)["loss"],
-                                    every=max(1, p.steps // 5))
-        seed = client_seed(config.seed, request.server_round, f"{data.client_id}/{kind}")
-        train_steps(config, worker, records, p.steps, p.lr, seed, ledger, after_step=stopper, **kw)
-        if stopper is not None:
-            stopper.restore()
-
     # 2. The local-only baseline.
     load_adapter_state(worker.model, load_state(store.local_only_path) or worker.initial)
-    fit("local-only")
+    fit_personal(config, worker, data, train_examples, "local-only", request, ledger)
     save_state(store.local_only_path, adapter_state(worker.model))
     local_metrics = evaluate(worker.model, heldout, batch, pad)
 
     # 3. The personal adapter.
-    load_adapter_state(worker.model, global_state)
-    if p.method == "finetune":
-        fit("personal")
-        personal_metrics = evaluate(worker.model, heldout, batch, pad)
-    elif p.method == "ditto":
-        anchor = trainable_snapshot(worker.model)  # the global adapter, by parameter name
-        load_adapter_state(worker.model, load_state(store.personal_path("ditto")) or global_state)
-        fit("personal", proximal_mu=p.lambda_, anchor=anchor)
-        save_state(store.personal_path("ditto"), adapter_state(worker.model))
-        personal_metrics = evaluate(worker.model, heldout, batch, pad)
-    elif p.method == "adapter":
-        with stacked_personal_adapter(worker.model, p, config.lora, load_state(store.personal_path("adapter")),
-                                      client_seed(config.seed, request.server_round, f"{data.client_id}/init")):
-            fit("personal")
-            save_state(store.personal_path("adapter"), personal_state(worker.model))
-            personal_metrics = evaluate(worker.model, heldout, batch, pad)
-    else:
-        personal_metrics = global_metrics
-    load_adapter_state(worker.model, global_state)
+    personal_metrics = update_personal(config, worker, data, global_state, request, ledger, "evaluate",
+                                       heldout) or global_metrics
 
     # 4. The metrics, and the report of the charge.
     report = client_report(ledger, "", config.privacy.target_epsilon) if ledger is not None else None

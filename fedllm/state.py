@@ -1,14 +1,32 @@
 """A client's on-device state store: one directory per client, written atomically.
 
 It holds what must survive the client process (a real device runs a fresh process per
-message, and may be killed at any time): the privacy ledger now, the personal adapter
-later. Nothing in it is ever sent to the server.
+message, and may be killed at any time) and everything the device needs to use its model
+offline (`fedllm generate`, `fedllm export`): the privacy ledger, the latest global adapter
+it received with what it is an adapter of (`model.json`), and its personal adapter with its
+version (`personal.json`). Nothing in it is ever sent to the server.
+
+    ledger.json                   every DP charge (fedllm.privacy.ledger)
+    global.safetensors            the latest global adapter this device received
+    model.json                    base model path, LoRA and personal settings, global round
+    personal-{method}.safetensors its personal adapter ("finetune", "adapter" or "ditto")
+    personal.json                 the personal adapter's version, round, records seen, epsilon
+    local-only.safetensors        the local-only baseline (its data alone)
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
+
+from fedllm import atomic
+from fedllm.errors import FedllmError
+
+# The config keys that say what the stored adapters are adapters of (model.json).
+MODEL_KEYS = ("model.name", "model.max-length", "lora.r", "lora.alpha", "lora.dropout", "lora.target-modules",
+              "personal.method", "personal.r", "seed")
 
 
 def safe_name(client_id: str) -> str:
@@ -33,6 +51,75 @@ class StateStore:
     def local_only_path(self) -> Path:
         """The local-only baseline adapter (this client's data alone); never sent."""
         return self.dir / "local-only.safetensors"
+
+    @property
+    def global_path(self) -> Path:
+        return self.dir / "global.safetensors"
+
+    @property
+    def model_path(self) -> Path:
+        return self.dir / "model.json"
+
+    @property
+    def personal_info_path(self) -> Path:
+        return self.dir / "personal.json"
+
+    def model_info(self) -> dict[str, Any] | None:
+        """What the stored adapters belong to, or None before the first global adapter."""
+        return _read_json(self.model_path)
+
+    def personal_info(self) -> dict[str, Any] | None:
+        """The personal adapter's version record, or None before the first personalisation."""
+        return _read_json(self.personal_info_path)
+
+    def save_global(self, state: dict, info: dict[str, Any]) -> None:
+        """Keep the global adapter just received, then what it is an adapter of: a crash
+        between the two leaves the older round number, never a wrong base."""
+        from fedllm.personal import save_state
+
+        save_state(self.global_path, state)
+        atomic.write_json(self.model_path, info)
+
+    def record_personal(self, method: str, global_round: int, run: str, records_seen: int,
+                        epsilon: float | None, reason: str) -> dict[str, Any]:
+        """One more version of the personal adapter (written after its tensors)."""
+        previous = self.personal_info() or {}
+        version = int(previous.get("version", 0)) + 1 if previous.get("method") == method else 1
+        info = {"method": method, "version": version, "global_round": global_round, "run": run,
+                "records_seen": records_seen, "epsilon": epsilon, "reason": reason}
+        atomic.write_json(self.personal_info_path, info)
+        return info
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.exists():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FedllmError(f"{path} is unreadable ({exc}); move it aside (the next round writes it again)") from exc
+    if not isinstance(value, dict):
+        raise FedllmError(f"{path} is not a JSON object; move it aside (the next round writes it again)")
+    return value
+
+
+def find_store(root: Path | str, client_id: str = "") -> StateStore:
+    """The store of `client_id` under `root` (a device's --state-dir or a simulation's
+    <run-dir>/clients), or its only client when none is named."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FedllmError(f"--state-dir {root}: no such directory")
+    if client_id:
+        store = StateStore(root, client_id)
+        if not store.dir.is_dir():
+            raise FedllmError(f"--state-dir {root} holds no client {client_id!r}")
+        return store
+    clients = sorted(p.name for p in root.iterdir() if (p / "model.json").exists() or (p / "ledger.json").exists())
+    if len(clients) != 1:
+        shown = ", ".join(clients[:8]) + (" ..." if len(clients) > 8 else "")
+        raise FedllmError(f"--state-dir {root} holds {len(clients)} clients ({shown or 'none'}); "
+                          "name one with --client-id")
+    return StateStore(root, clients[0])
 
 
 def state_root(config) -> Path:

@@ -113,14 +113,44 @@ def test_personal_steps_are_charged_to_the_ledger(setup, tmp_path):
     assert ledger.planned_steps >= config.local_steps + 6
 
 
-def test_nothing_personal_leaves_the_device(tmp_path, cache_dir):
-    """Every message a client sends: train replies carry exactly the global adapter's keys
-    (its delta), evaluate and query replies carry no tensor at all."""
+def test_every_round_personalisation_versions_and_charges_each_participation(setup, tmp_path):
+    """Ditto's protocol with personal.every-round: each training participation also trains
+    the personal adapter against the global one received, charged and versioned."""
+    from fedllm.device_status import status_lines
+    from fedllm.privacy.ledger import Ledger
+    from fedllm.state import StateStore
+
+    config, _, worker = setup(**{"personal.method": "ditto", "personal.steps": 2, "personal.every-round": "true",
+                                 "privacy.planned-rounds": 3})
+    store = None
+    for server_round in (1, 2, 3):
+        update = train_round(config, 1, worker.initial, Request(server_round, "run1"))
+        store = StateStore(tmp_path / "state", update.client_id)
+        info = store.personal_info()
+        assert (info["version"], info["global_round"], info["reason"]) == (server_round, server_round, "every-round")
+        assert store.model_info()["global_round"] == server_round  # the global adapter it trained from is kept
+    ledger = Ledger.load(store.ledger_path)
+    assert [(c.round, c.kind) for c in ledger.history] == [(r, k) for r in (1, 2, 3) for k in ("train", "personal")]
+    assert info["epsilon"] == pytest.approx(ledger.epsilon())
+    assert ledger.planned_steps >= 3 * (config.local_steps + 2)  # calibrated for the personal steps too
+    assert any("ditto version 3" in line for line in status_lines(store))
+
+
+@pytest.fixture(scope="module")
+def personal_run(tmp_path_factory, cache_dir):
+    """One private run with stacked personal adapters, every reply recorded."""
     from fedllm.simulate import load_experiment, simulate
 
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path_factory.mktemp("personal") / "run"
     config = load_experiment(TINY, {"personal.method": "adapter", "clients-per-round": 3})
     simulate(config, run_dir, client_app="recording_client:app")
+    return run_dir
+
+
+def test_nothing_personal_leaves_the_device(personal_run):
+    """Every message a client sends: train replies carry exactly the global adapter's keys
+    (its delta), evaluate and query replies carry no tensor at all."""
+    run_dir = personal_run
     sent = [json.loads(line) for line in (run_dir / "sent.jsonl").read_text().splitlines()]
     kinds = {e["kind"] for e in sent}
     assert kinds == {"train", "evaluate", "query"}
@@ -148,3 +178,86 @@ def test_nothing_personal_leaves_the_device(tmp_path, cache_dir):
     reports = [json.loads(p.read_text()) for p in (run_dir / "privacy" / "clients").glob("*.json")]
     assert any({"personal", "local-only"} <= {h["kind"] for h in r["history"]} for r in reports)
     assert (run_dir / "personalisation.csv").exists() and (run_dir / "personalisation.png").exists()
+
+
+def _evaluated_client(run_dir):
+    """A client that personalised (it has a personal.json) and its partition id."""
+    from fedllm.config import Config
+    from fedllm.data import load_clients
+
+    stores = sorted(p.parent for p in (run_dir / "clients").glob("*/personal.json"))
+    assert stores, "no client personalised"
+    config = Config.from_flat({**json.loads((run_dir / "config.json").read_text()), "run-dir": str(run_dir)})
+    ids = [c.client_id for c in load_clients(config)]
+    return config, stores[0].name, ids.index(stores[0].name)
+
+
+def test_generate_uses_the_devices_own_model_and_is_deterministic_for_a_seed(personal_run, capsys):
+    from fedllm.cli import main
+
+    _, client, _ = _evaluated_client(personal_run)
+    args = ["generate", "--state-dir", str(personal_run / "clients"), "--client-id", client,
+            "--prompt", "To be", "--max-new-tokens", "12"]
+    outputs = []
+    for seed in ("3", "3", "4"):
+        assert main(args + ["--seed", seed]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].startswith("To be") and len(outputs[0].strip()) > len("To be")
+    assert main(args + ["--adapter", "global", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("To be")
+    assert main(["client", "status", "--state-dir", str(personal_run / "clients"), "--client-id", client]) == 0
+    status = capsys.readouterr().out
+    assert "personal adapter: adapter version 1" in status and "ledger: epsilon" in status
+    # several clients and none named: told to choose, nothing guessed
+    assert main(["generate", "--state-dir", str(personal_run / "clients")]) == 2
+    assert "--client-id" in capsys.readouterr().err
+
+
+def test_exports_reproduce_the_personalised_model(personal_run, tmp_path, capsys):
+    """hf: the held-out loss of the stacked, unmerged personal model within 1e-4; onnx:
+    next-token logits in onnxruntime itself within 1e-3 of the hf export's."""
+    import numpy as np
+    import onnxruntime
+    from transformers import AutoModelForCausalLM
+
+    from fedllm.cli import main
+    from fedllm.data.tokens import collate
+    from fedllm.evaluate import evaluate
+    from fedllm.model import load_adapter_state
+    from fedllm.personal import load_state, stacked_personal_adapter
+    from fedllm.state import StateStore
+    from fedllm.worker import examples_for, worker_for
+
+    config, client, partition = _evaluated_client(personal_run)
+    config = config.with_values({"privacy.enabled": False})
+    store = StateStore(personal_run / "clients", client)
+    worker = worker_for(config)
+    _, heldout = examples_for(worker, client_data(config, partition), config.model.max_length)
+    pad = worker.tokenizer.pad_token_id
+    load_adapter_state(worker.model, load_state(store.global_path))
+    with stacked_personal_adapter(worker.model, config.personal, config.lora,
+                                  load_state(store.personal_path("adapter")), seed=0):
+        personal_loss = evaluate(worker.model, heldout, 8, pad)["loss"]
+
+    assert main(["export", "--state-dir", str(personal_run / "clients"), "--client-id", client,
+                 "--out", str(tmp_path / "hf")]) == 0
+    assert "MiB on disk" in capsys.readouterr().out
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert abs(evaluate(exported, heldout, 8, pad)["loss"] - personal_loss) < 1e-4
+
+    assert main(["export", "--state-dir", str(personal_run / "clients"), "--client-id", client,
+                 "--out", str(tmp_path / "onnx"), "--format", "onnx"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "max |diff|" in out
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"))
+    batch = collate(heldout[:3], pad)
+    with torch.no_grad():
+        reference = exported(**batch).logits.numpy()
+    for row, example in enumerate(heldout[:3]):
+        runtime = session.run(["logits"], {"input_ids": np.asarray([example], dtype=np.int64)})[0][0]
+        assert np.abs(runtime - reference[row, : len(example)]).max() < 1e-3
+    provenance = json.loads((tmp_path / "onnx" / "export.json").read_text())
+    assert provenance["client_id"] == client and provenance["ledger_epsilon"] > 0
+    # a second export into the same folder overwrites nothing
+    assert main(["export", "--state-dir", str(personal_run / "clients"), "--client-id", client,
+                 "--out", str(tmp_path / "hf")]) == 2

@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 
 from client.secure import secagg_mod
 from fedllm import messages as wire
-from fedllm.client_round import Request, client_data, evaluate_round, train_round
+from fedllm.client_round import Request, client_data, evaluate_round, node_local, train_round
 from fedllm.config import Config
 from fedllm.errors import FedllmError
 from fedllm.privacy.policy import DevicePolicy, device_config
@@ -39,11 +39,7 @@ def _local(context: Context) -> tuple[dict, DevicePolicy]:
     `fedllm simulate` gives its devices, or, under a plain `flwr run`, Flower's run config."""
     node = context.node_config
     if wire.NODE_DATA_PATH in node:
-        local = {"privacy.state-dir": str(node.get(wire.NODE_STATE_DIR, "")),
-                 "model.name": str(node.get(wire.NODE_MODEL, "builtin")),
-                 "model.cache-dir": str(node.get(wire.NODE_CACHE_DIR, "")),
-                 "device": str(node.get(wire.NODE_DEVICE, "auto")), "model.dtype": str(node.get(wire.NODE_DTYPE, "auto"))}
-        return local, DevicePolicy.from_node_config(node)
+        return node_local(node), DevicePolicy.from_node_config(node)
     if os.environ.get(DEVICE_CONFIG_ENV):  # `fedllm simulate` states its devices' config
         config = _own_config(os.environ[DEVICE_CONFIG_ENV])
     elif context.run_config:  # a plain `flwr run`: the devices take the run's config

@@ -11,6 +11,7 @@
     fedllm client --superlink HOST:PORT --ca-cert F --key F --data PATH --state-dir DIR [--require-secagg]
                   [--require-dp] [--max-epsilon E] [--max-delta D] [--require-user-dp] [--model NAME]
                   [--device auto|cpu|cuda[:N]|mps] [--dtype auto|float32|bfloat16|float16]
+                  [--personalise-on-new-data]
     fedllm client status --state-dir DIR [--client-id ID]
     fedllm generate --state-dir DIR [--client-id ID] [--adapter personal|global|base] [--prompt TEXT | -]
                     [--max-new-tokens N] [--temperature T] [--seed S]
@@ -178,7 +179,7 @@ def cmd_client(args: argparse.Namespace) -> int:
                state_dir=args.state_dir, client_id=args.client_id, port=args.port,
                require_secagg=args.require_secagg, require_dp=args.require_dp, max_epsilon=args.max_epsilon,
                max_delta=args.max_delta, require_user_dp=args.require_user_dp, model=args.model,
-               device=args.device, dtype=args.dtype)
+               device=args.device, dtype=args.dtype, personalise_on_new_data=args.personalise_on_new_data)
     return 0  # not reached: the daemon became the SuperNode
 
 
@@ -347,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="the frozen base's precision (auto: bfloat16 on a CUDA GPU that supports it); LoRA "
                              "weights and the deltas sent stay float32")
+    client.add_argument("--personalise-on-new-data", action="store_true",
+                        help="at start, train the personal adapter again when records were appended to --data since "
+                             "it was last trained (newest records held out; charged under DP)")
     client.set_defaults(func=cmd_client)
 
     status = sub.add_parser("client-status", help=argparse.SUPPRESS, prog="fedllm client status",

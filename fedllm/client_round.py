@@ -49,6 +49,14 @@ class Request:
     proximal_mu: float = 0.0
 
 
+def node_local(node: Mapping[str, Any]) -> dict[str, Any]:
+    """A real device's values of the local keys, from its operator's flags (node config)."""
+    return {"privacy.state-dir": str(node.get(wire.NODE_STATE_DIR, "")),
+            "model.name": str(node.get(wire.NODE_MODEL, "builtin")),
+            "model.cache-dir": str(node.get(wire.NODE_CACHE_DIR, "")),
+            "device": str(node.get(wire.NODE_DEVICE, "auto")), "model.dtype": str(node.get(wire.NODE_DTYPE, "auto"))}
+
+
 def client_data(config: Config, source: Source) -> ClientData:
     """This node's client: partition `source` of the run's clients (simulation), or, given
     a device's node config, the records in its `data-path`."""
@@ -78,8 +86,15 @@ def check_policy(config: Config, data: ClientData, policy: DevicePolicy) -> tupl
     return why, client_report(ledger, declined=why) if why and ledger is not None else None, ledger
 
 
-def open_ledger(config: Config, data: ClientData) -> Ledger:
-    """The first private round: calibrate the noise for the planned steps, create the ledger."""
+def open_ledger(config: Config, data: ClientData, ledger: Ledger | None = None, server_round: int = 0,
+                run: str = "") -> Ledger:
+    """The first private round: calibrate the noise for the planned steps, create the
+    ledger. Given the device's existing `ledger`, account for a record count that changed
+    since (a new sample rate from here on: `Ledger.note_records`)."""
+    if ledger is not None:
+        ledger.note_records(data.num_records, poisson_sample_rate(data.num_records, config.train.batch_size),
+                            server_round, run)
+        return ledger
     p = config.privacy
     return Ledger.open(
         ledger_path(config, data), client_id=data.client_id,
@@ -111,12 +126,13 @@ def train_steps(config: Config, worker: Worker, examples, steps: int, lr: float,
     if ledger is None:
         return train_local(worker.model, loader, optimizer, steps, proximal_mu, anchor, after_step)
     before = trainable_snapshot(worker.model)
+    rate = ledger.current_sample_rate
     private = make_private(worker.model, optimizer, loader, ledger.noise_multiplier, ledger.max_grad_norm,
-                           charged_rate=ledger.sample_rate)
+                           charged_rate=rate)
     try:
         result = train_local(worker.model, private.loader, private.optimizer, steps, proximal_mu, anchor,
                              on_empty=private.noise_step)
-        private.check_charged(ledger.noise_multiplier, ledger.sample_rate, steps, ledger.max_grad_norm)
+        private.check_charged(ledger.noise_multiplier, rate, steps, ledger.max_grad_norm)
     finally:
         private.close()
     check_adapter_moved(before, trainable_snapshot(worker.model))
@@ -130,8 +146,8 @@ def train_round(config: Config, source: Source, global_state: dict[str, torch.Te
     why, report, ledger = check_policy(config, data, policy or DevicePolicy.from_config(config))  # 2
     if why:
         return wire.TrainReply(data.client_id, declined=why, report=report)
-    if config.privacy.enabled and ledger is None:                                         # 3
-        ledger = open_ledger(config, data)
+    if config.privacy.enabled:                                                            # 3
+        ledger = open_ledger(config, data, ledger, request.server_round, request.run_id)
     if ledger is not None:
         charge = ledger.next_charge(request.server_round, config.local_steps, run=request.run_id)
         declined = charge_or_decline(ledger, [charge], config.privacy.target_epsilon)
@@ -177,7 +193,8 @@ def keep_global(config: Config, worker: Worker, data: ClientData, global_state: 
     adapter of in the state store: the device uses it offline (`fedllm generate`)."""
     flat = config.to_flat()
     info = {"client_id": data.client_id, "base": worker.base, "config": {k: flat[k] for k in MODEL_KEYS},
-            "global_round": request.server_round, "run": request.run_id}
+            "global_round": request.server_round, "run": request.run_id,
+            "records": data.num_records + len(data.heldout), "request": flat}  # request: for offline personalisation
     StateStore(state_root(config), data.client_id).save_global(global_state, info)
 
 

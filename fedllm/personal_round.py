@@ -81,7 +81,7 @@ def update_personal(config: Config, worker, data, global_state: dict[str, torch.
                 metrics = evaluate(worker.model, heldout, batch, pad)
     finally:
         load_adapter_state(worker.model, global_state)
-    store.record_personal(p.method, request.server_round, request.run_id, data.num_records,
+    store.record_personal(p.method, request.server_round, request.run_id, data.num_records + len(data.heldout),
                           ledger.epsilon() if ledger is not None else None, reason)
     return metrics
 
@@ -107,8 +107,8 @@ def personalise(config: Config, source: Source, global_state: dict[str, torch.Te
     why, report, ledger = check_policy(config, data, policy or DevicePolicy.from_config(config))
     if why:
         return kept, report
-    if config.privacy.enabled and ledger is None:
-        ledger = open_ledger(config, data)
+    if config.privacy.enabled:
+        ledger = open_ledger(config, data, ledger, request.server_round, request.run_id)
     if ledger is not None:
         charges = [ledger.next_charge(request.server_round, p.steps, kind, request.run_id)
                    for kind in ("personal", "local-only")]

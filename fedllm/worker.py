@@ -84,7 +84,9 @@ def worker_for(config: Config) -> Worker:
 def examples_for(worker: Worker, data: ClientData, max_length: int) -> tuple[Examples, Examples]:
     """(train, held-out) token ids of one client, tokenised when the client is asked for and
     kept while they fit in `worker.cache_bytes` (least recently used clients go first)."""
-    key = (worker.base, data.client_id, max_length)
+    # a device's file can grow between calls: its size and last records are part of the key
+    key = (worker.base, data.client_id, max_length, len(data.train), len(data.heldout),
+           hash((data.train[-1:], data.heldout[-1:])))
     examples = _EXAMPLES.get(key)
     if examples is None:
         examples = (encode(worker.tokenizer, data.train, max_length),

@@ -261,3 +261,49 @@ def test_exports_reproduce_the_personalised_model(personal_run, tmp_path, capsys
     # a second export into the same folder overwrites nothing
     assert main(["export", "--state-dir", str(personal_run / "clients"), "--client-id", client,
                  "--out", str(tmp_path / "hf")]) == 2
+
+
+def test_new_records_personalise_again_at_daemon_start_and_are_charged_honestly(setup, tmp_path, capsys):
+    """A device's file grows: the daemon's start personalises again on its own, charged at
+    the sample rate of the new record count (a zero-step 'records' entry marks the change),
+    and the ledger still passes the independent audit."""
+    from fedllm.cli import main
+    from fedllm.data import load_clients
+    from fedllm.deploy.daemon import supernode_command
+    from fedllm.privacy.engine import poisson_sample_rate
+    from fedllm.privacy.ledger import Ledger
+    from fedllm.state import StateStore
+
+    config, _, worker = setup(**{"personal.method": "finetune", "personal.steps": 2, "privacy.planned-rounds": 4})
+    lines = [r.replace("\n", " ") for c in load_clients(config) for r in c.train][:120]
+    data = tmp_path / "device.txt"
+    data.write_text("\n".join(lines[:60]) + "\n")
+    node = {"data-path": str(data), "state-dir": str(tmp_path / "state"), "require-dp": True, "max-epsilon": 8.0,
+            "max-delta": 1e-5, "model": "builtin", "device": "cpu", "dtype": "auto"}
+    update = train_round(config, node, worker.initial, Request(1, "run1"))
+    personalise(config, node, worker.initial, Request(1, "run1"))
+    store = StateStore(tmp_path / "state", update.client_id)
+    assert store.personal_info()["records_seen"] == 60
+
+    for name in ("ca.crt", "key"):
+        (tmp_path / name).write_text("x")
+    start = dict(superlink="127.0.0.1:1", ca_cert=tmp_path / "ca.crt", key=tmp_path / "key", data=data,
+                 state_dir=tmp_path / "state", device="cpu", personalise_on_new_data=True)
+    supernode_command(**start)  # nothing new: nothing trained, nothing charged
+    assert "no new records (60 records" in capsys.readouterr().out
+    before = len(Ledger.load(store.ledger_path).history)
+
+    with data.open("a") as handle:  # the device's owner writes more
+        handle.write("\n".join(lines[60:100]) + "\n")
+    supernode_command(**start)  # the daemon restarts
+    out = capsys.readouterr().out
+    assert "personalised on 40 new records (100 in all, newest 20 held out)" in out, out
+    info = store.personal_info()
+    assert (info["version"], info["records_seen"], info["reason"]) == (2, 100, "new-data")
+    ledger = Ledger.load(store.ledger_path)
+    new = ledger.history[before:]
+    assert [(c.kind, c.steps, c.run) for c in new] == [("records", 0, "device"), ("personal", 2, "device")]
+    assert new[0].sample_rate == new[1].sample_rate == poisson_sample_rate(80, config.train.batch_size)
+    assert new[1].sample_rate < ledger.sample_rate  # more records: each is sampled less often, and charged so
+    assert ledger.epsilon() == pytest.approx(info["epsilon"])
+    assert main(["audit", str(store.dir), "--out", str(tmp_path / "audit")]) == 0

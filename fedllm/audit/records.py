@@ -60,13 +60,21 @@ def check_report(audit: Audit, report: Any, name: str, config: Mapping[str, Any]
     check("versions", not missing, "versions", f"no version recorded for {', '.join(missing)}")
     check("privacy-unit", bool(report["privacy_unit"].strip()), "privacy_unit", "empty")
 
-    # Sampling: Poisson, one rate throughout, and the rate the loader uses for this many records.
-    rates = {float(e["sample_rate"]) for e in history} | {report["sample_rate"]}
+    # Sampling: Poisson, one rate from the header or from the last record-count change
+    # (a zero-step "records" entry), and the rate the loader uses for this many records.
     sampling_problems = []
     if report["sampling"] != "poisson":
         sampling_problems.append(("sampling", f"{report['sampling']!r}; the accounting assumes 'poisson'"))
-    if len(rates) > 1:
-        sampling_problems.append(("history[].sample_rate", f"several rates {sorted(rates)}"))
+    rate, changed = float(report["sample_rate"]), []
+    for i, e in enumerate(history):
+        if e.get("kind") == "records":
+            if int(e["steps"]) != 0:
+                changed.append(f"history[{i}] is a record-count change with {e['steps']} steps")
+            rate = float(e["sample_rate"])
+        elif float(e["sample_rate"]) != rate:
+            changed.append(f"history[{i}] charges rate {e['sample_rate']}, not the {rate} in force")
+    if changed:
+        sampling_problems.append(("history[].sample_rate", "; ".join(changed[:3])))
     if config and "train.batch-size" in config:
         n, b = report["num_records"], int(config["train.batch-size"])
         expected = 1.0 / -(-n // min(b, n))
@@ -122,8 +130,13 @@ def _check_rounds(check: Checker, history: list[Mapping[str, Any]], server: Serv
     """The ledger's charges for this run against the rounds the server saw the client in."""
     mine = [(i, e) for i, e in enumerate(history) if e.get("run", "") == run_id]
     train = {int(e["round"]): (i, int(e["steps"])) for i, e in mine if e.get("kind", "train") == "train"}
+    # personal.every-round: a personal charge right after a round's train charge is that round's
+    # personal update (not an evaluation's personalisation), bounded by the train round itself
+    every_round = config.get("personal.every-round") in (True, "true")
+    after_train = {k for (j, e), (k, f) in zip(mine, mine[1:]) if every_round and k == j + 1
+                   and e.get("kind", "train") == "train" and f.get("kind") == "personal" and e["round"] == f["round"]}
     personal = {(int(e["round"]), e.get("kind")): (i, int(e["steps"])) for i, e in mine
-                if e.get("kind") in ("personal", "local-only")}
+                if e.get("kind") in ("personal", "local-only") and i not in after_train}
     local_steps, personal_steps = config.get("local-steps"), config.get("personal.steps")
     problems: list[tuple[str, str]] = []
     for r, reported in sorted(server.accepted.items()):

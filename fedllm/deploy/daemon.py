@@ -20,7 +20,8 @@ from fedllm.errors import FedllmError
 def supernode_command(*, superlink: str, ca_cert: Path, key: Path, data: Path, state_dir: Path,
                       client_id: str = "", port: int = 9094, require_secagg: bool = False, require_dp: bool = True,
                       max_epsilon: float = 8.0, max_delta: float = 1e-5, require_user_dp: bool = False,
-                      model: str = "builtin", device: str = "auto", dtype: str = "auto") -> list[str]:
+                      model: str = "builtin", device: str = "auto", dtype: str = "auto",
+                      personalise_on_new_data: bool = False) -> list[str]:
     """The SuperNode command line; the device's policy and its local settings travel in
     its node config (its own side), never in what the server sends."""
     from fedllm.data.corpus import device_client
@@ -51,6 +52,10 @@ def supernode_command(*, superlink: str, ca_cert: Path, key: Path, data: Path, s
         node_config["require-secagg"] = True
     if require_user_dp:
         node_config["require-user-dp"] = True
+    if personalise_on_new_data:
+        from fedllm.new_data import personalise_on_new_data as personalise
+
+        print(f"device {records.client_id}: {personalise(node_config)}", flush=True)
     print(f"device {records.client_id}: {records.num_records} training records from {data}; state in {state_dir}; "
           f"policy: {'DP required' if require_dp else 'DP optional'}, epsilon <= {max_epsilon:g}, "
           f"delta <= {max_delta:g}" + (", secure aggregation required" if require_secagg else "")

@@ -23,6 +23,7 @@ from fedllm.privacy.accounting import calibrate, epsilon
 from fedllm.privacy.events import Charge
 
 LEDGER_VERSION = 2  # 2: hash chain (version 1 ledgers are chained when first loaded)
+RECORDS = "records"  # the kind of a zero-step entry: the record count, and so the sample rate, changed here
 PRIVACY_UNIT = "record: one speech of a role, or one line of a client's data file; one training example each"
 
 
@@ -137,8 +138,32 @@ class Ledger:
     def epsilon(self, extra: list[Charge] | None = None) -> float:
         return epsilon(self.history + (extra or []), self.delta, self.accountant)
 
+    @property
+    def current_sample_rate(self) -> float:
+        """The rate charged now: the header's, or that of the last record-count change."""
+        changes = [c for c in self.history if c.kind == RECORDS]
+        return changes[-1].sample_rate if changes else self.sample_rate
+
+    def note_records(self, num_records: int, sample_rate: float, server_round: int, run: str = "") -> bool:
+        """The device's record count changed: from now on its steps sample at `sample_rate`.
+
+        Poisson sampling protects each record at its own inclusion probability, whatever the
+        others are, so each later charge carries the new rate and the accountant composes
+        every charge at the rate it ran with: records present before the change are charged
+        both rates, and new records are charged for steps they were never in (over-reported,
+        never under). The change is a zero-step entry in the chain (kind "records"), so an
+        auditor sees where the rate changed. True when an entry was written."""
+        if num_records < 1 or not 0 < sample_rate <= 1:
+            raise LedgerError(f"{num_records} records at sample rate {sample_rate}: nothing to account")
+        if self.delta >= 1.0 / num_records:
+            raise LedgerError(f"privacy.delta={self.delta} is not below 1/n for {num_records} records")
+        if abs(sample_rate - self.current_sample_rate) <= 1e-12:
+            return False
+        self.charge([Charge(server_round, self.noise_multiplier, sample_rate, 0, RECORDS, run)])
+        return True
+
     def next_charge(self, server_round: int, steps: int, kind: str = "train", run: str = "") -> Charge:
-        return Charge(server_round, self.noise_multiplier, self.sample_rate, steps, kind, run)
+        return Charge(server_round, self.noise_multiplier, self.current_sample_rate, steps, kind, run)
 
     def affordable(self, charges: list[Charge], target: float | None = None) -> tuple[bool, float]:
         """(whether `charges` stay within the target, or a stricter `target`, epsilon after them)."""

@@ -126,14 +126,14 @@ def refusal(policy: DevicePolicy, request: Config, ledger=None, num_records: int
 def _ledger_mismatch(ledger, request: Config, num_records: int | None, sample_rate) -> list[str]:
     """What in `request` differs from the mechanism `ledger` was calibrated for."""
     p, why = request.privacy, []
-    if num_records is not None and num_records != ledger.num_records:
-        why.append(f"this device now holds {num_records} records, its ledger was calibrated for "
-                   f"{ledger.num_records}")
-    if num_records is not None:
-        q = sample_rate(num_records, request.train.batch_size)
+    if num_records is not None:  # a new record count is accounted (Ledger.note_records); a new batch size is not
+        q = sample_rate(ledger.num_records, request.train.batch_size)
         if abs(q - ledger.sample_rate) > 1e-12:
-            why.append(f"train.batch-size={request.train.batch_size} gives sample rate {q:.4g}, the ledger "
-                       f"charges {ledger.sample_rate:.4g}")
+            why.append(f"train.batch-size={request.train.batch_size} gives sample rate {q:.4g} for the ledger's "
+                       f"{ledger.num_records} records, the ledger was calibrated for {ledger.sample_rate:.4g}")
+        if p.delta >= 1.0 / num_records:
+            why.append(f"privacy.delta={p.delta:g} is not below 1/n for the {num_records} records this device "
+                       "now holds")
     if p.max_grad_norm != ledger.max_grad_norm:
         why.append(f"privacy.max-grad-norm={p.max_grad_norm:g} differs from the ledger's {ledger.max_grad_norm:g}")
     if p.accountant != ledger.accountant:

@@ -61,7 +61,7 @@ REPORT_FIELDS: dict[str, tuple] = {
 OPTIONAL_REPORT_FIELDS: dict[str, tuple] = {"target_epsilon_applied": (float, 0.0, 100.0)}
 ENTRY_FIELDS: dict[str, tuple] = {
     "round": (int, 0, 10**9), "noise_multiplier": (float, 0.0, 1e6), "sample_rate": (float, 0.0, 1.0),
-    "steps": (int, 0, 10**9), "kind": (str, ("train", "personal", "local-only")), "run": (str,),
+    "steps": (int, 0, 10**9), "kind": (str, ("train", "personal", "local-only", "records")), "run": (str,),
     "prev_hash": (str,), "hash": (str,),
 }
 MAX_HISTORY = 100_000

@@ -6,8 +6,9 @@ trains with or without secure aggregation. Training messages without SecAgg+ sta
 pass straight through. The masking, key agreement and secret sharing are Flower's.
 
 What leaves the device in a secure round: public keys, encrypted key shares, the
-masked quantised delta, and the plain metrics in FitRes (client id, loss, steps, the
-record-level epsilon report); the delta itself never does.
+masked quantised delta with its training metrics (loss, steps, records: the server
+learns their sums only, `fedllm.secure_metrics`), and in the clear its client id, a
+decline's reason and its record-level epsilon report; the delta itself never does.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from fedllm import messages as wire
+from fedllm import secure_metrics
+from fedllm.secure_metrics import clipping_range
 
 KEYS_FIELD = wire.ADAPTER_KEYS
 REQUIRE = wire.NODE_REQUIRE_SECAGG  # node config: this device never uploads an unmasked update
@@ -47,34 +50,48 @@ def _from_fitins(content: RecordDict) -> tuple[RecordDict, list[str]]:
                        wire.CONFIG: config}), keys
 
 
-def _to_fitres(reply: RecordDict, global_arrays: ArrayRecord, keys: list[str], weight: int) -> RecordDict:
+def _to_fitres(reply: RecordDict, global_arrays: ArrayRecord, keys: list[str], weight: int, clip: float) -> RecordDict:
     """fedllm's train reply as FitRes: the delta in `keys` order (zeros when the client
-    declined), weight 1 (0: a decline that must not count), every plain field as a metric."""
+    declined), then its training metrics encoded into one more tensor (fedllm.secure_metrics),
+    all masked; weight 1 (0: a decline that must not count); in the clear only the client
+    id, a decline's reason and the epsilon report."""
     delta = reply.array_records.get(wire.ARRAYS)
     tensors = [np.asarray(delta[k].numpy() if delta is not None else np.zeros_like(global_arrays[k].numpy()),
                           dtype=np.float64) for k in keys]
-    metrics: dict = {}
+    trained = dict(reply.metric_records[wire.METRICS]) if delta is not None and wire.METRICS in reply.metric_records \
+        else None
+    tensors.append(secure_metrics.encode(trained, clip))  # masked with the delta: the server sees only sums
+    plain: dict = {}
     for name in (wire.CLIENT, wire.PRIVACY):
         if name in reply.config_records:
-            metrics.update(reply.config_records[name])
-    if wire.METRICS in reply.metric_records:
-        metrics.update(reply.metric_records[wire.METRICS])
-    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(tensors), weight, metrics)
+            plain.update(reply.config_records[name])
+    fitres = FitRes(Status(Code.OK, "ok"), ndarrays_to_parameters(tensors), weight, plain)
     return compat.fitres_to_recorddict(fitres, keep_input=True)
+
+
+def _secure_settings(request: ConfigRecord):
+    """The request's secure-aggregation and user-level DP keys, checked (the server's
+    values: they set the quantiser's range, which the server decodes with)."""
+    from fedllm.config import Config
+
+    keys = ("secagg.clipping-range", "user-dp.enabled", "user-dp.clip")
+    return Config.from_flat({k: request[k] for k in keys if k in request})
 
 
 def _train_in_fedllm_format(call_next: ClientAppCallable) -> ClientAppCallable:
     def call(msg: Message, context: Context) -> Message:
         msg.content, keys = _from_fitins(msg.content)
         global_arrays = msg.content[wire.ARRAYS]
-        user_dp = bool(msg.content[wire.CONFIG].get("user-dp.enabled", False))
+        request = msg.content[wire.CONFIG]
+        user_dp = bool(request.get("user-dp.enabled", False))
+        clip = clipping_range(_secure_settings(request))
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
         declined = wire.ARRAYS not in reply.content.array_records
         # A decline sends zeros; weighted 0 unless user-level DP needs every sampled client counted.
         weight = 0 if declined and not user_dp else 1
-        reply.content = _to_fitres(reply.content, global_arrays, keys, weight)
+        reply.content = _to_fitres(reply.content, global_arrays, keys, weight, clip)
         return reply
 
     return call

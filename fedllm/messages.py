@@ -65,8 +65,9 @@ QUERY_METRICS = frozenset({NUM_RECORDS, NUM_HELDOUT})
 TRAIN_REPLY = {ARRAYS: None, METRICS: TRAIN_METRICS, CLIENT: CLIENT_FIELDS, PRIVACY: frozenset({REPORT})}
 EVAL_REPLY = {METRICS: PERSONAL_EVAL_METRICS, CLIENT: CLIENT_FIELDS, PRIVACY: frozenset({REPORT})}
 QUERY_REPLY = {METRICS: QUERY_METRICS, CLIENT: CLIENT_FIELDS}
-# A secure round's FitRes carries the plain fields flattened into its metrics.
-SECURE_METRICS = CLIENT_FIELDS | TRAIN_METRICS | {REPORT}
+# A secure round's FitRes carries only these in the clear (flattened into its metrics); its
+# training metrics travel masked, as one more tensor (fedllm.secure_metrics).
+SECURE_METRICS = CLIENT_FIELDS | {REPORT}
 
 # Node config keys a device's operator sets (`fedllm client`), read by the device only.
 NODE_DATA_PATH = "data-path"

@@ -20,8 +20,7 @@ def plot_rounds(run: RunDir) -> Path | None:
 
     rounds = run.metrics()
     evals = [(r["round"], r["evaluate"]["mean"]["perplexity"]) for r in rounds if r.get("evaluate", {}).get("mean")]
-    train = [(r["round"], sum(r["train"]["train_loss"]) / len(r["train"]["train_loss"]))
-             for r in rounds if r.get("train", {}).get("train_loss")]
+    train = [(r["round"], _mean_loss(r["train"])) for r in rounds if _mean_loss(r.get("train", {})) is not None]
     if not evals:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -87,11 +86,23 @@ class Progress:
             self.perplexity = _number(evaluated["mean"].get("perplexity"))
         if not isinstance(train, dict):
             return None  # round 0: the base, evaluated before training
-        losses = [_number(x) for x in train.get("train_loss", [])] if isinstance(train.get("train_loss"), list) else []
-        return (f"round {record.get('round')}/{self.rounds}: {len(losses)} clients, "
-                f"train loss {statistics.fmean(losses) if losses else float('nan'):.3f}, "
+        mean = _mean_loss(train)
+        return (f"round {record.get('round')}/{self.rounds}: {_count(train.get('clients'))} clients, "
+                f"train loss {float('nan') if mean is None else mean:.3f}, "
                 f"held-out ppl {self.perplexity:.2f}, {_count(train.get('dropped'))} dropped, "
                 f"{_count(train.get('declined'))} declined, {_number(record.get('seconds')):.1f}s")
+
+
+def _mean_loss(train: Any) -> float | None:
+    """A round's mean training loss: of the per-client losses (plain rounds), or the
+    mean a secure round decoded from its masked sums."""
+    if not isinstance(train, dict):
+        return None
+    losses = train.get("train_loss")
+    if isinstance(losses, list) and losses:
+        return statistics.fmean(_number(x) for x in losses)
+    masked = train.get("train_loss_mean")
+    return _number(masked) if masked is not None else None
 
 
 def _count(value: Any) -> int:

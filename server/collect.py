@@ -24,6 +24,7 @@ from fedllm.config import Config
 from fedllm.untrusted import say
 from server.books import Books
 from server.sampling import NodeInfo
+from fedllm import secure_metrics
 from server.secure import quantization, secure_round
 from server.validation import AdapterSpec, Expect, Verdict, check_secure_metrics, check_train_reply
 
@@ -211,7 +212,7 @@ def collect_secure(cohort: Cohort, server_round: int, nodes: list[int], arrays: 
     checked, and the sum is rejected whole if the protocol fails."""
     config, books = cohort.config, cohort.books
     result = secure_round(cohort.grid, config, server_round, nodes, arrays, request)
-    answered, losses, steps, declined, flagged = [], [], [], [], []
+    answered, declined, flagged = [], [], []
     for node, metrics in sorted(result.replies.items()):
         client = cohort.client(node)
         report, why, reason = check_secure_metrics(metrics, cohort.expect(node))
@@ -223,8 +224,6 @@ def collect_secure(cohort: Cohort, server_round: int, nodes: list[int], arrays: 
         books.book(server_round, client, why, report, declined)
         if not why:
             answered.append(client)
-            losses.append(float(metrics[wire.TRAIN_LOSS]))
-            steps.append(int(metrics[wire.STEPS]))
     upload = [result.upload_bytes.get(n, 0) for n in nodes if n in result.replies]
     books.upload.extend(upload)
     done = result.total is not None
@@ -233,6 +232,10 @@ def collect_secure(cohort: Cohort, server_round: int, nodes: list[int], arrays: 
                               "sampled": result.sampled, "contributed": len(result.replies),
                               "dropped_out": result.sampled - len(result.replies),
                               "quantization": quantization(config, contributors, cohort.spec.num_values)}
+    if done and result.metric_sums:  # the training metrics, as sums over the contributors only
+        sums = result.metric_sums
+        secagg["metric_sums"] = {**sums, "max_error": secure_metrics.max_errors(contributors,
+                                                                                  config.secagg.quantization_bits)}
     if result.error:
         secagg["error"] = result.error
         log.warning("round %d: %s", server_round, result.error)
@@ -241,8 +244,10 @@ def collect_secure(cohort: Cohort, server_round: int, nodes: list[int], arrays: 
     return Collected({
         "sampled": [cohort.client(n) for n in nodes],
         "clients": answered if done else [],
-        "train_loss": losses if done else [],
-        "steps": steps if done else [],
+        "train_loss": [],  # per device: not known to the server in a secure round
+        "train_loss_mean": (result.metric_sums[wire.TRAIN_LOSS] / result.metric_sums[secure_metrics.TRAINED]
+                            if done and result.metric_sums.get(secure_metrics.TRAINED) else None),
+        "steps": [None] * len(answered) if done else [],
         "upload_bytes": upload,
         "dropped": flagged,
         "declined": declined,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.secure import clipping_range
+from fedllm.secure_metrics import clipping_range
 
 
 # `server` below is a server.round_loop.Server (not imported: that module imports this one)

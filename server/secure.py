@@ -32,18 +32,12 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.serverapp import Grid
 
 from fedllm import messages as wire
+from fedllm import secure_metrics
 from fedllm.config import Config
+from fedllm.secure_metrics import clipping_range
 
 log = logging.getLogger("fedllm.server")
 KEYS_FIELD = wire.ADAPTER_KEYS
-
-
-def clipping_range(config: Config) -> float:
-    """Per-coordinate range of the quantiser. Under user-level DP the L2 clip bounds every
-    coordinate, so quantisation clips nothing; otherwise Flower's default, 8."""
-    if config.secagg.clipping_range:
-        return config.secagg.clipping_range
-    return config.user_dp.clip if config.user_dp.enabled else 8.0
 
 
 def shares_and_threshold(config: Config, sampled: int) -> tuple[int, int]:
@@ -130,13 +124,14 @@ class SecureRound:
     and each contributor's plain metrics."""
 
     total: dict[str, np.ndarray] | None
-    replies: dict[int, dict[str, Any]]  # node -> FitRes metrics (no tensors)
+    replies: dict[int, dict[str, Any]]  # node -> FitRes plain fields (client id, declined, report)
     shares: int
     threshold: int
     sampled: int
     upload_bytes: dict[int, int] = field(default_factory=dict)
     error: str = ""
     contributors: int = 0
+    metric_sums: dict[str, float] = field(default_factory=dict)  # fedllm.secure_metrics: sums only
 
 
 def secure_round(grid: Grid, config: Config, server_round: int, nodes: list[int], arrays: ArrayRecord,
@@ -175,13 +170,20 @@ def secure_round(grid: Grid, config: Config, server_round: int, nodes: list[int]
     result.replies = {proxy.node_id: dict(res.metrics) for proxy, res in handoff.results}
     if handoff.mean is None:
         result.error = "secure aggregation halted (too few clients left to unmask; see Flower's log)"
-    elif len(handoff.mean) == len(keys) and all(np.isfinite(a).all() for a in handoff.mean):
+    elif len(handoff.mean) == len(keys) + 1 and all(np.isfinite(a).all() for a in handoff.mean):
         # Counted here, not taken from a FitRes's num_examples (a client's plain claim).
         # Under user-level DP every result weighs 1 (declines included), so this is the sum;
         # otherwise only total / contributors, the protocol's mean, is used.
         result.contributors = len(handoff.results)
         result.total = {k: np.asarray(a, np.float64) * result.contributors for k, a in zip(keys, handoff.mean)}
+        try:  # the last tensor: the training metrics' sums (fedllm.secure_metrics)
+            result.metric_sums = secure_metrics.decode(np.asarray(handoff.mean[-1], np.float64) * result.contributors,
+                                                       clipping_range(config))
+        except ValueError as exc:
+            result.metric_sums = {}
+            log.warning("round %d: %s", server_round, exc)
     else:
-        result.error = "the unmasked aggregate is not finite (every contributor declined?)"
+        result.error = (f"the unmasked aggregate has {len(handoff.mean)} tensors for {len(keys)} adapter tensors and "
+                        "the metrics, or is not finite (every contributor declined?)")
     return result
 

@@ -8,6 +8,7 @@ shared and after training, before they upload: 20% of the clients when all 10 ar
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,13 @@ def outer(msg: Message, context: Context, call_next) -> Message:
         raise RuntimeError("simulated dropout in the middle of a secure round")
     masked = [bytes_to_ndarray(b) for b in reply.content[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
     np.savez(_where(context, str(fit_config["run-dir"]), server_round, "masked"), *masked)
+    # ... and everything else that leaves with it, in the clear: record -> field names
+    plain = {name: sorted(record) for name, record in [*reply.content.config_records.items(),
+                                                        *reply.content.metric_records.items()]
+             if name != RECORD_KEY_CONFIGS}
+    plain["arrays"] = sorted(k for record in reply.content.array_records.values() for k in record)
+    _where(context, str(fit_config["run-dir"]), server_round, "plain").with_suffix(".json").write_text(
+        json.dumps(plain))
     return reply
 
 

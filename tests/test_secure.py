@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from conftest import TINY
+from fedllm import messages as wire
 from fedllm.config import Config
+from fedllm.data import load_clients
 from fedllm.errors import ConfigError
 from fedllm.personal import load_state
 from fedllm.privacy.user_level import clip_delta, delta_norm, epsilon
@@ -91,6 +93,20 @@ def test_secure_rounds_mask_each_update_sum_exactly_and_survive_dropouts(tmp_pat
             rounding = 10 * np.spacing(np.abs(after[k].numpy())).astype(np.float64)
             assert np.all(np.abs(server_sum - total[k]) <= bound + rounding), k
         assert any(np.abs(total[k]).max() > 100 * bound for k in keys)  # the check has something to check
+        # The training metrics left each device only inside the masked vector: in the clear, the
+        # client id (and a decline's reason, an epsilon report) and nothing else; the server has sums.
+        for path in (observed / "plain").glob("*.json"):
+            plain = json.loads(path.read_text())
+            assert plain["arrays"] == [], plain
+            fields = {f for name, names in plain.items() if name != "arrays" for f in names}
+            assert not fields & {wire.TRAIN_LOSS, wire.STEPS, wire.NUM_EXAMPLES, wire.EPSILON}, plain
+            assert set(plain.get("fitres.metrics", [])) <= wire.SECURE_METRICS, plain
+        assert train["train_loss"] == [] and train["steps"] == [None] * 8
+        sums = secagg["metric_sums"]
+        records = {c.client_id: c.num_records for c in load_clients(config)}
+        assert sums["trained"] == 8 and sums[wire.STEPS] == 8 * config.local_steps
+        assert sums[wire.NUM_EXAMPLES] == sum(records[c] for c in train["clients"])
+        assert 0 < train["train_loss_mean"] < 20
     user = json.loads((run_dir / "privacy" / "user_level.json").read_text())
     assert user["rounds"] == 2 and user["epsilon"] is None and user["noise_multiplier"] == 0.0
     assert user["sample_rate"] == 1.0 and user["sampling"] == "fixed"

@@ -175,12 +175,13 @@ def cmd_server_register(args: argparse.Namespace) -> int:
 def cmd_client(args: argparse.Namespace) -> int:
     from fedllm.deploy.daemon import run_daemon
 
-    run_daemon(superlink=args.superlink, ca_cert=args.ca_cert, key=args.key, data=args.data,
+    if args.max_restarts < -1 or args.backoff_max <= 0:
+        raise FedllmError("--max-restarts must be >= -1 (-1: always restart) and --backoff-max > 0 seconds")
+    return run_daemon(max_restarts=args.max_restarts, backoff_max=args.backoff_max, superlink=args.superlink, ca_cert=args.ca_cert, key=args.key, data=args.data,
                state_dir=args.state_dir, client_id=args.client_id, port=args.port,
                require_secagg=args.require_secagg, require_dp=args.require_dp, max_epsilon=args.max_epsilon,
                max_delta=args.max_delta, require_user_dp=args.require_user_dp, model=args.model,
                device=args.device, dtype=args.dtype, personalise_on_new_data=args.personalise_on_new_data)
-    return 0  # not reached: the daemon became the SuperNode
 
 
 def cmd_client_status(args: argparse.Namespace) -> int:
@@ -348,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="the frozen base's precision (auto: bfloat16 on a CUDA GPU that supports it); LoRA "
                              "weights and the deltas sent stay float32")
+    client.add_argument("--max-restarts", type=int, default=-1,
+                        help="restart the SuperNode at most this many times after it exits (-1: always, default)")
+    client.add_argument("--backoff-max", type=float, default=60.0,
+                        help="the longest wait between restarts, in seconds; waits double from 1 s (60)")
     client.add_argument("--personalise-on-new-data", action="store_true",
                         help="at start, train the personal adapter again when records were appended to --data since "
                              "it was last trained (newest records held out; charged under DP)")

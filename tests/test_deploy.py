@@ -201,14 +201,15 @@ def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir):
                    "clients-per-round=3", "--set", "evaluate.num-clients=3", "--set", "evaluate.every=2",
                    "--set", "round-timeout=60", "--set", "secagg.enabled=true", "--set", "user-dp.enabled=true",
                    "--set", "user-dp.sampling=fixed",
-                   # noise for 3 participations: a round 2 cut short by the crash is charged again when redone
-                   "--set", "privacy.planned-rounds=3"]
+                   "--set", "num-server-rounds=3",
+                   # noise for 4 participations: a round 2 cut short by the crash is charged again when redone
+                   "--set", "privacy.planned-rounds=4"]
 
-    def client(i: int, key: Path, data: Path, log: str) -> subprocess.Popen:
+    def client(i: int, key: Path, data: Path, log: str, *extra: str) -> subprocess.Popen:
         return _start(["client", "--superlink", f"127.0.0.1:{port}", "--ca-cert", str(certs / "ca.crt"),
                        "--key", str(key), "--data", str(data), "--state-dir", str(tmp_path / f"state-{i}"),
-                       "--port", str(port + 10 + i), "--require-dp", "--max-epsilon", "8", "--max-delta", "1e-5"],
-                      tmp_path / log)
+                       "--port", str(port + 10 + i), "--require-dp", "--max-epsilon", "8", "--max-delta", "1e-5",
+                       "--backoff-max", "8", *extra], tmp_path / log)
 
     server = _start(server_args, tmp_path / "server.log")
     clients: dict[int, subprocess.Popen] = {}
@@ -217,9 +218,11 @@ def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir):
         assert "loopback only: 127.0.0.1:" in (tmp_path / "server.log").read_text()
         _outsider_is_refused(tmp_path, port, certs, rogue / "node-4.pub")
         clients = {i: client(i, certs / "nodes" / f"node-{i}", devices[i - 1], f"client-{i}.log") for i in (1, 2, 3)}
-        refused = client(4, certs / "nodes" / "node-4", devices[0], "client-4.log")
+        refused = client(4, certs / "nodes" / "node-4", devices[0], "client-4.log", "--max-restarts", "1")
         assert refused.wait(timeout=120) != 0
-        assert "Failed to activate SuperNode" in (tmp_path / "client-4.log").read_text()
+        refusal = (tmp_path / "client-4.log").read_text()
+        assert "Failed to activate SuperNode" in refusal and "restarting in 1s" in refusal
+        assert "its key is not registered" in refusal and "not restarting (--max-restarts 1)" in refusal
 
         _wait_for(run_dir / "checkpoints" / "latest.json", '"round": 1', 300, server)
         _kill_tree(server)  # the server machine crashes after round 1
@@ -233,7 +236,11 @@ def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir):
         while len(_ledger_rounds(ledger)) == before and time.time() < deadline:
             time.sleep(0.1)
         assert _ledger_rounds(ledger)[-1] == 2, "device 3 never started round 2 of the resumed run"
-        _kill_tree(clients[3])
+        import psutil
+
+        daemon = psutil.Process(clients[3].pid)
+        for supernode in daemon.children():  # the SuperNode crashes; its daemon stays and restarts it
+            _kill_tree(supernode)
 
         assert server.wait(timeout=480) == 0, (tmp_path / "server-2.log").read_text()[-3000:]
     finally:
@@ -244,15 +251,17 @@ def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir):
                  "checkpoints/round-0", "checkpoints/round-2", "privacy/summary.json"):
         assert (run_dir / name).exists(), name
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     assert sorted(rounds[1]["train"]["clients"]) == sorted(p.stem for p in devices)
     assert sorted(rounds[2]["train"]["clients"]) == sorted(p.stem for p in devices[:2])  # the round went on
+    assert sorted(rounds[3]["train"]["clients"]) == sorted(p.stem for p in devices)  # device 3 rejoined by itself
+    assert "restarting in 1s" in (tmp_path / "client-3.log").read_text()
     assert rounds[1]["train"]["secagg"]["contributed"] == 3 and rounds[2]["train"]["secagg"]["dropped_out"] == 1
-    assert json.loads((run_dir / "privacy" / "user_level.json").read_text())["rounds"] == 2
-    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2
-    # The killed device's ledger kept the round it died in (it over-reports, never under-reports), and a
-    # restarted daemon opens it as it is: the hash chain is intact.
-    assert _ledger_rounds(ledger)[-1] == 2
+    assert json.loads((run_dir / "privacy" / "user_level.json").read_text())["rounds"] == 3
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 3
+    # The killed device's ledger kept the round it died in (it over-reports, never under-reports), and its
+    # restarted SuperNode opened it as it is (the hash chain is intact) and charged round 3 after it.
+    assert _ledger_rounds(ledger)[-2:] == [2, 3]
     assert [c.round for c in Ledger.load(ledger).history if c.kind == "train"] == _ledger_rounds(ledger)
     for i in (1, 2, 3):  # the ledgers on the devices agree with the server's records
         assert main(["audit", str(run_dir), "--state-dir", str(tmp_path / f"state-{i}"),

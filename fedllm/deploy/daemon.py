@@ -1,16 +1,16 @@
 """`fedllm client`: the device daemon, a Flower SuperNode running the fedllm ClientApp
 on this device's own data, with its state store, key and the server's CA certificate.
 
-The daemon *becomes* the SuperNode (exec): signals reach it directly, and a restart is
-a new daemon on the same state store. Everything that must survive (ledger, personal
-adapters) is written atomically to `--state-dir` by the ClientApp, which Flower runs in
-a fresh process per message.
+The daemon supervises the SuperNode (`supervise`): when it exits (a crash, a refused
+activation, a lost server) the daemon starts it again after a backoff that doubles up
+to `--backoff-max` and resets once a SuperNode has stayed up; SIGTERM or SIGINT stop both.
+Everything that must survive (ledger, personal adapters) is written atomically to
+`--state-dir` by the ClientApp, which Flower runs in a fresh process per message.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from fedllm.deploy import processes
@@ -66,6 +66,87 @@ def supernode_command(*, superlink: str, ca_cert: Path, key: Path, data: Path, s
             "--node-config", " ".join(f"{k}={json.dumps(v)}" for k, v in node_config.items())]
 
 
-def run_daemon(**kwargs) -> None:
+REFUSED = "Failed to activate SuperNode"  # Flower's message when the SuperLink refuses this node
+STABLE_SECONDS = 120.0  # a SuperNode up this long was healthy: the next backoff starts small again
+
+
+def run_daemon(*, max_restarts: int = -1, backoff_max: float = 60.0, **kwargs) -> int:
     command = supernode_command(**kwargs)
-    os.execvpe(command[0], command, processes.environment())
+    return supervise(command, processes.environment(), max_restarts=max_restarts, backoff_max=backoff_max)
+
+
+def why_it_stopped(status: int, output_tail: str) -> str:
+    """What the daemon can tell from the SuperNode's exit: Flower reports a refused
+    activation the same way for an unregistered key and for a node whose previous
+    connection the SuperLink still holds (until its heartbeat expires), so both are named."""
+    if REFUSED in output_tail:
+        return ("the server refused this node: either its key is not registered (the operator runs `fedllm "
+                "server register KEY`) or its previous connection is still alive on the server (it expires "
+                "within about a minute of a crash); retrying covers the second")
+    if status < 0:
+        return f"the SuperNode was killed by signal {-status}"
+    return f"the SuperNode exited with status {status}"
+
+
+def _relay(stream, tail) -> None:
+    """The child's output, passed through: the daemon's log is the SuperNode's, with its own notes."""
+    for line in stream:
+        print(line, end="", flush=True)
+        tail.append(line)
+
+
+def _signal_group(process, signum: int) -> None:
+    import os
+
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def supervise(command: list[str], env: dict[str, str], *, max_restarts: int = -1, backoff_max: float = 60.0,
+              first_backoff: float = 1.0) -> int:
+    """Run `command`, restarting it with backoff when it exits, until a signal asks the
+    daemon to stop (exit 0) or `max_restarts` restarts are spent (-1: never; exit 1)."""
+    import collections
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    stopping = threading.Event()
+    child: list[subprocess.Popen] = []
+
+    def stop(signum, _frame) -> None:
+        stopping.set()
+        if child and child[0].poll() is None:
+            _signal_group(child[0], signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    restarts, backoff = 0, first_backoff
+    while True:
+        started = time.monotonic()
+        # its own process group: what it leaves behind (Flower's SuperExec, a ClientApp) goes with it
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   bufsize=1, start_new_session=True)
+        child[:] = [process]
+        tail: collections.deque[str] = collections.deque(maxlen=50)
+        reader = threading.Thread(target=_relay, args=(process.stdout, tail), daemon=True)
+        reader.start()
+        status = process.wait()
+        _signal_group(process, signal.SIGKILL)  # its helpers outlive it otherwise, and hold its output open
+        reader.join(timeout=5)
+        if stopping.is_set():
+            print("fedllm client: stopped", flush=True)
+            return 0
+        if time.monotonic() - started > STABLE_SECONDS:
+            backoff = first_backoff
+        reason = why_it_stopped(status, "".join(tail))
+        if 0 <= max_restarts <= restarts:
+            print(f"fedllm client: {reason}; not restarting (--max-restarts {max_restarts})", flush=True)
+            return 1
+        print(f"fedllm client: {reason}; restarting in {backoff:g}s", flush=True)
+        if stopping.wait(backoff):
+            return 0
+        restarts, backoff = restarts + 1, min(backoff * 2, backoff_max)

@@ -11,7 +11,8 @@
     fedllm client --superlink HOST:PORT --ca-cert F --key F --data PATH --state-dir DIR [--require-secagg]
                   [--require-dp] [--max-epsilon E] [--max-delta D] [--require-user-dp] [--model NAME]
                   [--device auto|cpu|cuda[:N]|mps] [--dtype auto|float32|bfloat16|float16]
-                  [--personalise-on-new-data]
+                  [--personalise-on-new-data] [--train-window HH:MM-HH:MM] [--require-ac-power]
+                  [--max-threads N] [--max-participations-per-day N] [--max-restarts N] [--backoff-max S]
     fedllm client status --state-dir DIR [--client-id ID]
     fedllm generate --state-dir DIR [--client-id ID] [--adapter personal|global|base] [--prompt TEXT | -]
                     [--max-new-tokens N] [--temperature T] [--seed S]
@@ -181,7 +182,9 @@ def cmd_client(args: argparse.Namespace) -> int:
                state_dir=args.state_dir, client_id=args.client_id, port=args.port,
                require_secagg=args.require_secagg, require_dp=args.require_dp, max_epsilon=args.max_epsilon,
                max_delta=args.max_delta, require_user_dp=args.require_user_dp, model=args.model,
-               device=args.device, dtype=args.dtype, personalise_on_new_data=args.personalise_on_new_data)
+               device=args.device, dtype=args.dtype, personalise_on_new_data=args.personalise_on_new_data,
+               train_window=args.train_window, require_ac_power=args.require_ac_power, max_threads=args.max_threads,
+               max_participations_per_day=args.max_participations_per_day, resident=not args.no_resident_worker)
 
 
 def cmd_client_status(args: argparse.Namespace) -> int:
@@ -353,6 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="restart the SuperNode at most this many times after it exits (-1: always, default)")
     client.add_argument("--backoff-max", type=float, default=60.0,
                         help="the longest wait between restarts, in seconds; waits double from 1 s (60)")
+    client.add_argument("--train-window", default="", metavar="HH:MM-HH:MM",
+                        help="train only in this local-time window (may cross midnight, e.g. 22:00-06:00); outside "
+                             "it the device answers that it is not available (nothing charged)")
+    client.add_argument("--require-ac-power", action="store_true",
+                        help="train only on mains power, as the operating system reports it")
+    client.add_argument("--max-threads", type=int, default=0, help="torch threads for training (0: torch's default)")
+    client.add_argument("--max-participations-per-day", type=int, default=0,
+                        help="train at most this many rounds per UTC day (0: no cap); written into the epsilon report")
+    client.add_argument("--no-resident-worker", action="store_true",
+                        help="load the model in every ClientApp process instead of keeping it in a resident worker")
     client.add_argument("--personalise-on-new-data", action="store_true",
                         help="at start, train the personal adapter again when records were appended to --data since "
                              "it was last trained (newest records held out; charged under DP)")

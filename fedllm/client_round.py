@@ -33,6 +33,7 @@ from fedllm.privacy.ledger import Ledger
 from fedllm.privacy.policy import DevicePolicy, refusal
 from fedllm.privacy.report import client_report
 from fedllm.privacy.user_level import clip_delta
+from fedllm.schedule import STOPPED, UNAVAILABLE, Unavailable
 from fedllm.state import MODEL_KEYS, StateStore, state_root
 from fedllm.train import TrainResult, loader_for, make_optimizer, train_local
 from fedllm.worker import Worker, examples_for, worker_for
@@ -131,7 +132,7 @@ def train_steps(config: Config, worker: Worker, examples, steps: int, lr: float,
                            charged_rate=rate)
     try:
         result = train_local(worker.model, private.loader, private.optimizer, steps, proximal_mu, anchor,
-                             on_empty=private.noise_step)
+                             after_step, on_empty=private.noise_step)
         private.check_charged(ledger.noise_multiplier, rate, steps, ledger.max_grad_norm)
     finally:
         private.close()
@@ -140,8 +141,10 @@ def train_steps(config: Config, worker: Worker, examples, steps: int, lr: float,
 
 
 def train_round(config: Config, source: Source, global_state: dict[str, torch.Tensor], request: Request,
-                policy: DevicePolicy | None = None) -> wire.TrainReply:
-    """One client round, steps 1-7 above. A refused or unaffordable request trains nothing."""
+                policy: DevicePolicy | None = None, still_available=None) -> wire.TrainReply:
+    """One client round, steps 1-7 above. A refused or unaffordable request trains nothing.
+    `still_available()` (the device's own conditions, `fedllm.schedule`) is asked after every
+    step; when it says why not, training stops and the round is declined, its charge kept."""
     data = client_data(config, source)                                                    # 1
     why, report, ledger = check_policy(config, data, policy or DevicePolicy.from_config(config))  # 2
     if why:
@@ -158,9 +161,14 @@ def train_round(config: Config, source: Source, global_state: dict[str, torch.Te
     train_examples, _ = examples_for(worker, data, config.model.max_length)
     load_adapter_state(worker.model, global_state)
     keep_global(config, worker, data, global_state, request)
-    result = train_steps(config, worker, train_examples, config.local_steps, config.train.lr,
-                         client_seed(config.seed, request.server_round, data.client_id), ledger,
-                         request.proximal_mu)
+    try:
+        result = train_steps(config, worker, train_examples, config.local_steps, config.train.lr,
+                             client_seed(config.seed, request.server_round, data.client_id), ledger,
+                             request.proximal_mu, after_step=_stop_when(still_available))
+    except Unavailable as stopped:
+        load_adapter_state(worker.model, global_state)  # nothing of the cut-short steps is kept or sent
+        report = client_report(ledger, str(stopped), config.privacy.target_epsilon) if ledger is not None else None
+        return wire.TrainReply(data.client_id, declined=str(stopped), report=report)
     local = adapter_state(worker.model)                                                   # 5
     delta = {k: local[k] - global_state[k].to(torch.float32) for k in local}
     if config.user_dp.enabled:                                                            # 6
@@ -185,6 +193,18 @@ def personal_every_round(config: Config, worker: Worker, data: ClientData, globa
         if charge_or_decline(ledger, [charge], config.privacy.target_epsilon):
             return
     update_personal(config, worker, data, global_state, request, ledger, "every-round")
+
+
+def _stop_when(still_available):
+    if still_available is None:
+        return None
+
+    def after_step(step: int) -> None:
+        why = still_available()
+        if why:
+            raise Unavailable(f"{STOPPED} after {step} steps: {why.removeprefix(UNAVAILABLE + ': ')}")
+
+    return after_step
 
 
 def keep_global(config: Config, worker: Worker, data: ClientData, global_state: dict[str, torch.Tensor],

@@ -79,6 +79,7 @@ NODE_DEVICE = "device"  # where this device trains (`fedllm client --device`)
 NODE_DTYPE = "dtype"  # the frozen base's precision (`fedllm client --dtype`)
 NODE_REQUIRE_SECAGG = "require-secagg"
 NODE_PARTITION = "partition-id"  # simulation: which of the run's clients this node is
+NODE_WORKER = "worker-dir"  # the device's resident worker (fedllm.deploy.device_worker): its socket and key
 
 
 @dataclass

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedllm.config import Config, load_toml
+from fedllm.device_requests import DEVICE_CONFIG_ENV  # a simulated device's own config: its policy, its paths
 from fedllm.deploy.processes import environment, stop, toml_table, toml_value, wait_for_port, write_connection
 from fedllm.data import load_clients
 from fedllm.errors import ConfigError, FedllmError
@@ -35,7 +36,6 @@ from fedllm.rundir import RunDir
 
 DEFAULT_EXPERIMENT = "default.toml"
 EXPERIMENTS = "simulations"  # the package that holds experiment definitions (data, not code, for the library)
-DEVICE_CONFIG_ENV = "FEDLLM_DEVICE_CONFIG"  # a simulated device's own config: its policy, its paths
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 DEFAULT_COMPONENTS = {"serverapp": "server.app:app", "clientapp": "client.app:app"}
 CONNECTION = "fedllm-simulation"  # the SuperLink connection's name in the run's FLWR_HOME

@@ -240,7 +240,8 @@ def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir):
 
         daemon = psutil.Process(clients[3].pid)
         for supernode in daemon.children():  # the SuperNode crashes; its daemon stays and restarts it
-            _kill_tree(supernode)
+            if "flower-supernode" in " ".join(supernode.cmdline()):
+                _kill_tree(supernode)
 
         assert server.wait(timeout=480) == 0, (tmp_path / "server-2.log").read_text()[-3000:]
     finally:

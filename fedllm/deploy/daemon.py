@@ -21,7 +21,9 @@ def supernode_command(*, superlink: str, ca_cert: Path, key: Path, data: Path, s
                       client_id: str = "", port: int = 9094, require_secagg: bool = False, require_dp: bool = True,
                       max_epsilon: float = 8.0, max_delta: float = 1e-5, require_user_dp: bool = False,
                       model: str = "builtin", device: str = "auto", dtype: str = "auto",
-                      personalise_on_new_data: bool = False) -> list[str]:
+                      personalise_on_new_data: bool = False, train_window: str = "", require_ac_power: bool = False,
+                      max_threads: int = 0, max_participations_per_day: int = 0,
+                      resident: bool = True) -> list[str]:
     """The SuperNode command line; the device's policy and its local settings travel in
     its node config (its own side), never in what the server sends."""
     from fedllm.data.corpus import device_client
@@ -52,6 +54,15 @@ def supernode_command(*, superlink: str, ca_cert: Path, key: Path, data: Path, s
         node_config["require-secagg"] = True
     if require_user_dp:
         node_config["require-user-dp"] = True
+    from fedllm import schedule
+    from fedllm.deploy.device_worker import worker_dir
+
+    schedule_config = {schedule.NODE_WINDOW: train_window, schedule.NODE_AC_POWER: require_ac_power,
+                       schedule.NODE_MAX_THREADS: max_threads, schedule.NODE_MAX_PER_DAY: max_participations_per_day}
+    schedule.check_node_schedule(schedule_config)  # a bad window, or a power source this OS does not report: now
+    node_config.update({k: v for k, v in schedule_config.items() if v})
+    if resident:
+        node_config["worker-dir"] = str(worker_dir(state_dir))
     if personalise_on_new_data:
         from fedllm.new_data import personalise_on_new_data as personalise
 
@@ -70,9 +81,18 @@ REFUSED = "Failed to activate SuperNode"  # Flower's message when the SuperLink 
 STABLE_SECONDS = 120.0  # a SuperNode up this long was healthy: the next backoff starts small again
 
 
-def run_daemon(*, max_restarts: int = -1, backoff_max: float = 60.0, **kwargs) -> int:
-    command = supernode_command(**kwargs)
-    return supervise(command, processes.environment(), max_restarts=max_restarts, backoff_max=backoff_max)
+def worker_command(state_dir: Path) -> list[str]:
+    """The resident worker (fedllm.deploy.device_worker) for the state store `state_dir`."""
+    import sys
+
+    return [sys.executable, "-m", "fedllm.deploy.device_worker", "--state-dir", str(Path(state_dir).resolve())]
+
+
+def run_daemon(*, max_restarts: int = -1, backoff_max: float = 60.0, resident: bool = True, **kwargs) -> int:
+    commands = [supernode_command(resident=resident, **kwargs)]
+    if resident:  # the worker first: the SuperNode's first ClientApp finds it listening
+        commands.insert(0, worker_command(kwargs["state_dir"]))
+    return supervise(commands, processes.environment(), max_restarts=max_restarts, backoff_max=backoff_max)
 
 
 def why_it_stopped(status: int, output_tail: str) -> str:
@@ -88,11 +108,14 @@ def why_it_stopped(status: int, output_tail: str) -> str:
     return f"the SuperNode exited with status {status}"
 
 
-def _relay(stream, tail) -> None:
-    """The child's output, passed through: the daemon's log is the SuperNode's, with its own notes."""
-    for line in stream:
+def _relay(process, tail, exited) -> None:
+    """A child's output, passed through (the daemon's log is its children's, with its own
+    notes); says when the child is gone."""
+    for line in process.stdout:
         print(line, end="", flush=True)
         tail.append(line)
+    process.wait()
+    exited.set()
 
 
 def _signal_group(process, signum: int) -> None:
@@ -104,45 +127,60 @@ def _signal_group(process, signum: int) -> None:
         pass
 
 
-def supervise(command: list[str], env: dict[str, str], *, max_restarts: int = -1, backoff_max: float = 60.0,
-              first_backoff: float = 1.0) -> int:
-    """Run `command`, restarting it with backoff when it exits, until a signal asks the
-    daemon to stop (exit 0) or `max_restarts` restarts are spent (-1: never; exit 1)."""
+def supervise(commands: list[list[str]], env: dict[str, str], *, max_restarts: int = -1,
+              backoff_max: float = 60.0, first_backoff: float = 1.0) -> int:
+    """Run `commands` (the last one is the SuperNode) side by side; when any exits, stop the
+    others and start them all again after a backoff, until a signal asks the daemon to stop
+    (exit 0) or `max_restarts` restarts are spent (-1: never; exit 1)."""
     import collections
     import signal
     import subprocess
     import threading
     import time
 
-    stopping = threading.Event()
-    child: list[subprocess.Popen] = []
+    stopping, exited = threading.Event(), threading.Event()
+    children: list[subprocess.Popen] = []
 
     def stop(signum, _frame) -> None:
         stopping.set()
-        if child and child[0].poll() is None:
-            _signal_group(child[0], signum)
+        exited.set()
+        for child in children:
+            if child.poll() is None:
+                _signal_group(child, signum)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)
     restarts, backoff = 0, first_backoff
     while True:
         started = time.monotonic()
-        # its own process group: what it leaves behind (Flower's SuperExec, a ClientApp) goes with it
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                   bufsize=1, start_new_session=True)
-        child[:] = [process]
+        exited.clear()
         tail: collections.deque[str] = collections.deque(maxlen=50)
-        reader = threading.Thread(target=_relay, args=(process.stdout, tail), daemon=True)
-        reader.start()
-        status = process.wait()
-        _signal_group(process, signal.SIGKILL)  # its helpers outlive it otherwise, and hold its output open
-        reader.join(timeout=5)
+        readers = []
+        children[:] = []
+        for command in commands:
+            # its own process group: what it leaves behind (Flower's SuperExec, a ClientApp) goes with it
+            process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       bufsize=1, start_new_session=True)
+            children.append(process)
+            reader = threading.Thread(target=_relay, args=(process, tail, exited), daemon=True)
+            reader.start()
+            readers.append(reader)
+        while not exited.wait(1.0) and all(c.poll() is None for c in children):
+            pass
+        statuses = [c.poll() for c in children]
+        for child in children:  # the others stop with it; their helpers would outlive them otherwise
+            _signal_group(child, signal.SIGKILL)
+            child.wait()
+        for reader in readers:
+            reader.join(timeout=5)
         if stopping.is_set():
             print("fedllm client: stopped", flush=True)
             return 0
         if time.monotonic() - started > STABLE_SECONDS:
             backoff = first_backoff
-        reason = why_it_stopped(status, "".join(tail))
+        which = next((i for i, status in enumerate(statuses) if status is not None), len(commands) - 1)
+        name = "the SuperNode" if which == len(commands) - 1 else "the device worker"
+        reason = why_it_stopped(statuses[which] or 0, "".join(tail)).replace("the SuperNode", name)
         if 0 <= max_restarts <= restarts:
             print(f"fedllm client: {reason}; not restarting (--max-restarts {max_restarts})", flush=True)
             return 1

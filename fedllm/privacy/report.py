@@ -58,7 +58,10 @@ REPORT_FIELDS: dict[str, tuple] = {
     "ledger_version": (int, 2, 2), "history": (list,), "genesis": (str,), "head": (str,), "versions": (dict,),
     "privacy_unit": (str,), "mechanism": (str,), "covers": (str,), "declined": (str,),
 }
-OPTIONAL_REPORT_FIELDS: dict[str, tuple] = {"target_epsilon_applied": (float, 0.0, 100.0)}
+OPTIONAL_REPORT_FIELDS: dict[str, tuple] = {
+    "target_epsilon_applied": (float, 0.0, 100.0),
+    "max_participations_per_day": (int, 1, 10**6),  # the device's own cap (fedllm client), when it set one
+}
 ENTRY_FIELDS: dict[str, tuple] = {
     "round": (int, 0, 10**9), "noise_multiplier": (float, 0.0, 1e6), "sample_rate": (float, 0.0, 1.0),
     "steps": (int, 0, 10**9), "kind": (str, ("train", "personal", "local-only", "records")), "run": (str,),

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,11 +25,11 @@ from server.books import Books
 from server.sampling import NodeInfo
 from fedllm import secure_metrics
 from server.secure import quantization, secure_round
+from server.transport import arrivals
 from server.validation import AdapterSpec, Expect, Verdict, check_secure_metrics, check_train_reply
 
 log = logging.getLogger("fedllm.server")
 STREAM_AFTER = 16  # acceptable replies held to set an `auto` norm bound; later ones are added as they come
-PULL_INTERVAL = 0.1  # seconds between pulls while replies are outstanding
 
 
 @dataclass
@@ -81,22 +80,6 @@ def screen(cohort: Cohort, replies: Iterable[Message], nodes: list[int], check) 
             seen.add(node)
             verdict = check(msg, node)
         yield node, cohort.client(node), verdict
-
-
-def arrivals(grid: Grid, messages: list[Message], timeout: float) -> Iterator[Message]:
-    """The replies to `messages` as they arrive (Flower's push and pull), until all came or
-    `timeout` passed; a grid without push and pull answers all at once."""
-    if not (hasattr(grid, "push_messages") and hasattr(grid, "pull_messages")):
-        yield from grid.send_and_receive(messages, timeout=timeout)
-        return
-    waiting = set(grid.push_messages(messages))
-    end = time.monotonic() + timeout
-    while waiting and time.monotonic() < end:
-        replies = list(grid.pull_messages(waiting))
-        waiting.difference_update(msg.metadata.reply_to_message_id for msg in replies)
-        yield from replies
-        if waiting and not replies:
-            time.sleep(PULL_INTERVAL)
 
 
 def norm_bound(config: Config, norms: list[float]) -> float:

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from fedllm import messages as wire
 from fedllm.rundir import RunDir
 from server.collect import Cohort, screen
+from server.transport import send_and_receive
 from server.validation import check_evaluate_reply
 
 log = logging.getLogger("fedllm.server")
@@ -31,7 +32,7 @@ def evaluate(cohort: Cohort, server_round: int, nodes: list[int], arrays: ArrayR
     content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: request})
     messages = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
     expected = wire.PERSONAL_EVAL_METRICS if personalise else wire.EVAL_METRICS
-    replies = cohort.grid.send_and_receive(messages, timeout=cohort.config.round_timeout)
+    replies = send_and_receive(cohort.grid, messages, cohort.config.round_timeout)
     per_client: dict[str, dict[str, float]] = {}
     for node, client, verdict in screen(cohort, replies, nodes, lambda msg, node: check_evaluate_reply(
             msg, expected, cohort.expect(node))):

@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 
 from fedllm import messages as wire
 from fedllm.untrusted import say
+from server.transport import send_and_receive
 from server.validation import MAX_CLIENT_ID, check_metrics
 
 log = logging.getLogger("fedllm.server")
@@ -76,7 +77,7 @@ def discover(grid: Grid, config: ConfigRecord, minimum: int, timeout: float,
         pending = [n for n in nodes if n not in answered]
         messages = [Message(content=content, dst_node_id=n, message_type=MessageType.QUERY) for n in pending]
         unreachable = []
-        for reply in grid.send_and_receive(messages, timeout=max(1.0, deadline - time.time())):
+        for reply in send_and_receive(grid, messages, max(1.0, deadline - time.time())):
             node = reply.metadata.src_node_id
             if reply.has_error():
                 unreachable.append(node)

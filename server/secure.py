@@ -35,6 +35,7 @@ from fedllm import messages as wire
 from fedllm import secure_metrics
 from fedllm.config import Config
 from fedllm.secure_metrics import clipping_range
+from server import transport
 
 log = logging.getLogger("fedllm.server")
 KEYS_FIELD = wire.ADAPTER_KEYS
@@ -91,13 +92,14 @@ class _Handoff(Strategy):
 
 
 class _MeteredGrid:
-    """The grid, counting the bytes each node sends (masked vectors, keys, shares)."""
+    """The grid, counting the bytes each node sends (masked vectors, keys, shares), and
+    pulling replies every 0.1 s (`server.transport`) for each SecAgg+ stage."""
 
     def __init__(self, grid: Grid):
         self._grid, self.sent = grid, {}
 
     def send_and_receive(self, messages, *, timeout=None):
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        replies = transport.send_and_receive(self._grid, messages, timeout)
         for msg in replies:
             if not msg.has_error():
                 node = msg.metadata.src_node_id

@@ -92,7 +92,10 @@ def run_daemon(*, max_restarts: int = -1, backoff_max: float = 60.0, resident: b
     commands = [supernode_command(resident=resident, **kwargs)]
     if resident:  # the worker first: the SuperNode's first ClientApp finds it listening
         commands.insert(0, worker_command(kwargs["state_dir"]))
-    return supervise(commands, processes.environment(), max_restarts=max_restarts, backoff_max=backoff_max)
+    env = processes.environment()
+    # Flower's SuperExec looks for a message to run every second by default; a device answers sooner
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+    return supervise(commands, env, max_restarts=max_restarts, backoff_max=backoff_max)
 
 
 def why_it_stopped(status: int, output_tail: str) -> str:

@@ -9,7 +9,8 @@ messages into the arguments here and the returned `TrainReply` into records.
     6. the user-level clip on the device, when the run has user-level DP
     7. the reply           plain data: client id, delta, metrics, epsilon report
 
-Personalisation, its sibling after the last round, is `fedllm.personal_round`.
+Personalisation, its sibling after the last round (and, with personal.every-round, after
+every training round: `fedllm.personal_round.train_and_personalise`), is `fedllm.personal_round`.
 """
 
 from __future__ import annotations
@@ -173,26 +174,10 @@ def train_round(config: Config, source: Source, global_state: dict[str, torch.Te
     delta = {k: local[k] - global_state[k].to(torch.float32) for k in local}
     if config.user_dp.enabled:                                                            # 6
         delta, _ = clip_delta(delta, config.user_dp.clip)  # the norm itself stays on the device
-    if config.personal.every_round and config.personal.method != "none":
-        personal_every_round(config, worker, data, global_state, request, ledger)
     report = client_report(ledger, "", config.privacy.target_epsilon) if ledger is not None else None  # 7
     return wire.TrainReply(data.client_id, delta=delta, report=report, metrics={
         wire.NUM_EXAMPLES: data.num_records, wire.TRAIN_LOSS: result.loss, wire.STEPS: result.steps,
         wire.EPSILON: report["epsilon"] if report else 0.0})
-
-
-def personal_every_round(config: Config, worker: Worker, data: ClientData, global_state: dict[str, torch.Tensor],
-                         request: Request, ledger: Ledger | None) -> None:
-    """Ditto's protocol: after its shared steps, the device trains its personal adapter
-    against the global one it just received; charged first, skipped (not declined: the
-    shared update is already paid for) when the budget cannot cover it."""
-    from fedllm.personal_round import update_personal
-
-    if ledger is not None:
-        charge = ledger.next_charge(request.server_round, config.personal.steps, "personal", request.run_id)
-        if charge_or_decline(ledger, [charge], config.privacy.target_epsilon):
-            return
-    update_personal(config, worker, data, global_state, request, ledger, "every-round")
 
 
 def _stop_when(still_available):

@@ -121,7 +121,8 @@ def _plain(reply: wire.TrainReply) -> wire.TrainReply:
 
 def train(request: DeviceRequest) -> wire.TrainReply:
     from fedllm import schedule
-    from fedllm.client_round import Request, client_data, train_round
+    from fedllm.client_round import Request, client_data
+    from fedllm.personal_round import train_and_personalise
     from fedllm.state import state_root
 
     try:
@@ -138,8 +139,8 @@ def train(request: DeviceRequest) -> wire.TrainReply:
     why = schedule.availability(node, state_root(config) if capped else None, client_id)
     if why:  # not now: nothing charged, and not a failure
         return wire.TrainReply(client_id, declined=why)
-    reply = train_round(config, _source(request), _state(request.arrays), asked, policy,
-                        still_available=schedule.still_available(node))
+    reply = train_and_personalise(config, _source(request), _state(request.arrays), asked, policy,
+                                  still_available=schedule.still_available(node))
     if capped and (reply.delta is not None or reply.declined.startswith(schedule.STOPPED)):
         schedule.record_participation(schedule.participations_path(state_root(config), client_id))
     if capped and reply.report is not None:  # the cap is part of what the report claims

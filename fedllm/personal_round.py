@@ -14,12 +14,13 @@ import torch
 
 from fedllm import messages as wire
 from fedllm.client_round import (Request, Source, charge_or_decline, check_policy, client_data, client_seed,
-                                 open_ledger, train_steps)
+                                 ledger_path, open_ledger, train_round, train_steps)
 from fedllm.config import Config
 from fedllm.evaluate import evaluate
 from fedllm.model import adapter_state, load_adapter_state
 from fedllm.personal import (EarlyStopping, load_state, personal_state, save_state, stacked_personal_adapter,
                              trainable_snapshot)
+from fedllm.privacy.ledger import Ledger
 from fedllm.privacy.policy import DevicePolicy
 from fedllm.privacy.report import client_report
 from fedllm.state import StateStore, state_root
@@ -84,6 +85,28 @@ def update_personal(config: Config, worker, data, global_state: dict[str, torch.
     store.record_personal(p.method, request.server_round, request.run_id, data.num_records + len(data.heldout),
                           ledger.epsilon() if ledger is not None else None, reason)
     return metrics
+
+
+def train_and_personalise(config: Config, source: Source, global_state: dict[str, torch.Tensor], request: Request,
+                          policy: DevicePolicy | None = None, still_available=None) -> wire.TrainReply:
+    """A training round (`fedllm.client_round.train_round`), then, with personal.every-round,
+    Ditto's protocol: the device trains its personal adapter against the global one it just
+    received. The personal steps are charged first, and skipped (not declined: the shared
+    update is already paid for) when the budget cannot cover them."""
+    reply = train_round(config, source, global_state, request, policy, still_available)
+    if reply.delta is None or not config.personal.every_round or config.personal.method == "none":
+        return reply
+    data = client_data(config, source)
+    ledger = Ledger.existing(ledger_path(config, data), data.client_id) if config.privacy.enabled else None
+    if ledger is not None:
+        charge = ledger.next_charge(request.server_round, config.personal.steps, "personal", request.run_id)
+        if charge_or_decline(ledger, [charge], config.privacy.target_epsilon):
+            return reply
+    update_personal(config, worker_for(config), data, global_state, request, ledger, "every-round")
+    if ledger is not None:  # the report the server gets shows the personal charge too
+        reply.report = client_report(ledger, "", config.privacy.target_epsilon)
+        reply.metrics[wire.EPSILON] = reply.report["epsilon"]
+    return reply
 
 
 def personalise(config: Config, source: Source, global_state: dict[str, torch.Tensor], request: Request,

@@ -117,6 +117,7 @@ def test_every_round_personalisation_versions_and_charges_each_participation(set
     """Ditto's protocol with personal.every-round: each training participation also trains
     the personal adapter against the global one received, charged and versioned."""
     from fedllm.device_status import status_lines
+    from fedllm.personal_round import train_and_personalise
     from fedllm.privacy.ledger import Ledger
     from fedllm.state import StateStore
 
@@ -124,14 +125,14 @@ def test_every_round_personalisation_versions_and_charges_each_participation(set
                                  "privacy.planned-rounds": 3})
     store = None
     for server_round in (1, 2, 3):
-        update = train_round(config, 1, worker.initial, Request(server_round, "run1"))
+        update = train_and_personalise(config, 1, worker.initial, Request(server_round, "run1"))
         store = StateStore(tmp_path / "state", update.client_id)
         info = store.personal_info()
         assert (info["version"], info["global_round"], info["reason"]) == (server_round, server_round, "every-round")
         assert store.model_info()["global_round"] == server_round  # the global adapter it trained from is kept
     ledger = Ledger.load(store.ledger_path)
     assert [(c.round, c.kind) for c in ledger.history] == [(r, k) for r in (1, 2, 3) for k in ("train", "personal")]
-    assert info["epsilon"] == pytest.approx(ledger.epsilon())
+    assert info["epsilon"] == pytest.approx(ledger.epsilon()) == pytest.approx(update.report["epsilon"])
     assert ledger.planned_steps >= 3 * (config.local_steps + 2)  # calibrated for the personal steps too
     assert any("ditto version 3" in line for line in status_lines(store))
 

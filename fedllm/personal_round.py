@@ -53,7 +53,7 @@ def update_personal(config: Config, worker, data, global_state: dict[str, torch.
                     ledger, reason: str, heldout=None) -> dict[str, float] | None:
     """Train this device's personal adapter from `global_state` (its steps already charged
     when `ledger` is given), keep it with a new version in the state store, and return its
-    held-out metrics (None when `heldout` is not given or the method keeps nothing)."""
+    metrics on `heldout` (default: the client's own held-out records); None for method none."""
     p = config.personal
     if p.method == "none":
         return None

@@ -201,9 +201,9 @@ def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir):
                    "clients-per-round=3", "--set", "evaluate.num-clients=3", "--set", "evaluate.every=2",
                    "--set", "round-timeout=60", "--set", "secagg.enabled=true", "--set", "user-dp.enabled=true",
                    "--set", "user-dp.sampling=fixed",
-                   "--set", "num-server-rounds=3",
-                   # noise for 4 participations: a round 2 cut short by the crash is charged again when redone
-                   "--set", "privacy.planned-rounds=4"]
+                   "--set", "num-server-rounds=4",
+                   # noise for 5 participations: a round 2 cut short by the crash is charged again when redone
+                   "--set", "privacy.planned-rounds=5"]
 
     def client(i: int, key: Path, data: Path, log: str, *extra: str) -> subprocess.Popen:
         return _start(["client", "--superlink", f"127.0.0.1:{port}", "--ca-cert", str(certs / "ca.crt"),
@@ -252,17 +252,19 @@ def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir):
                  "checkpoints/round-0", "checkpoints/round-2", "privacy/summary.json"):
         assert (run_dir / name).exists(), name
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
     assert sorted(rounds[1]["train"]["clients"]) == sorted(p.stem for p in devices)
     assert sorted(rounds[2]["train"]["clients"]) == sorted(p.stem for p in devices[:2])  # the round went on
-    assert sorted(rounds[3]["train"]["clients"]) == sorted(p.stem for p in devices)  # device 3 rejoined by itself
+    # device 3 rejoined by itself once its old connection expired (about a minute): a secure round it
+    # re-enters midway halts (Flower's SecAgg+ state is per process), and the round after has all three
+    assert sorted(rounds[4]["train"]["clients"]) == sorted(p.stem for p in devices), rounds[3]["train"]
     assert "restarting in 1s" in (tmp_path / "client-3.log").read_text()
     assert rounds[1]["train"]["secagg"]["contributed"] == 3 and rounds[2]["train"]["secagg"]["dropped_out"] == 1
-    assert json.loads((run_dir / "privacy" / "user_level.json").read_text())["rounds"] == 3
-    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 3
+    assert json.loads((run_dir / "privacy" / "user_level.json").read_text())["rounds"] in (3, 4)
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 4
     # The killed device's ledger kept the round it died in (it over-reports, never under-reports), and its
-    # restarted SuperNode opened it as it is (the hash chain is intact) and charged round 3 after it.
-    assert _ledger_rounds(ledger)[-2:] == [2, 3]
+    # restarted SuperNode opened it as it is (the hash chain is intact) and charged the last round after it.
+    assert 2 in _ledger_rounds(ledger) and _ledger_rounds(ledger)[-1] == 4
     assert [c.round for c in Ledger.load(ledger).history if c.kind == "train"] == _ledger_rounds(ledger)
     for i in (1, 2, 3):  # the ledgers on the devices agree with the server's records
         assert main(["audit", str(run_dir), "--state-dir", str(tmp_path / f"state-{i}"),

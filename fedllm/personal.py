@@ -2,7 +2,7 @@
 fits this client better, without anything personal leaving the device.
 
 - none:     the global adapter as it is.
-- finetune: fine-tune a copy of the global adapter on local records; nothing is kept.
+- finetune: fine-tune a copy of the global adapter on local records; kept in the state store.
 - adapter:  a second LoRA adapter ("personal") stacked on the frozen global one; only it
             trains, and it is kept in the client's state store.
 - ditto:    a personal copy of the adapter, trained with (lambda/2)||v - w_global||^2

@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fedllm import atomic
 from fedllm.errors import FedllmError
+from fedllm.untrusted import number_in
 
 # The config keys that say what the stored adapters are adapters of (model.json).
 MODEL_KEYS = ("model.name", "model.max-length", "lora.r", "lora.alpha", "lora.dropout", "lora.target-modules",
@@ -66,11 +67,11 @@ class StateStore:
 
     def model_info(self) -> dict[str, Any] | None:
         """What the stored adapters belong to, or None before the first global adapter."""
-        return _read_json(self.model_path)
+        return _read_json(self.model_path, MODEL_FIELDS)
 
     def personal_info(self) -> dict[str, Any] | None:
         """The personal adapter's version record, or None before the first personalisation."""
-        return _read_json(self.personal_info_path)
+        return _read_json(self.personal_info_path, PERSONAL_FIELDS)
 
     def save_global(self, state: dict, info: dict[str, Any]) -> None:
         """Keep the global adapter just received, then what it is an adapter of: a crash
@@ -83,23 +84,48 @@ class StateStore:
     def record_personal(self, method: str, global_round: int, run: str, records_seen: int,
                         epsilon: float | None, reason: str) -> dict[str, Any]:
         """One more version of the personal adapter (written after its tensors)."""
-        previous = self.personal_info() or {}
-        version = int(previous.get("version", 0)) + 1 if previous.get("method") == method else 1
+        try:
+            previous = self.personal_info() or {}
+        except FedllmError:  # a damaged version record: the tensors just written start a new count
+            previous = {}
+        version = previous["version"] + 1 if previous.get("method") == method else 1
         info = {"method": method, "version": version, "global_round": global_round, "run": run,
                 "records_seen": records_seen, "epsilon": epsilon, "reason": reason}
         atomic.write_json(self.personal_info_path, info)
         return info
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+# What a reader of model.json and personal.json relies on: field -> check (files on disk are not trusted)
+MODEL_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "base": lambda v: isinstance(v, str) and 0 < len(v) <= 4096,
+    "config": lambda v: isinstance(v, dict),
+    "global_round": lambda v: number_in(v, 0, 10**9, integer=True),
+    "records": lambda v: number_in(v, 0, 2**31, integer=True),
+}
+PERSONAL_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "method": lambda v: v in ("finetune", "adapter", "ditto"),
+    "version": lambda v: number_in(v, 1, 10**9, integer=True),
+    "global_round": lambda v: number_in(v, 0, 10**9, integer=True),
+    "records_seen": lambda v: number_in(v, 0, 2**31, integer=True),
+    "epsilon": lambda v: v is None or number_in(v, 0.0, 1e4),
+}
+
+
+def _read_json(path: Path, fields: dict[str, Callable[[Any], bool]]) -> dict[str, Any] | None:
+    """The JSON object at `path` (None when absent), refused with a reason unless each of
+    `fields` it holds passes its check."""
     if not path.exists():
         return None
+    advice = "move it aside (the next round writes it again)"
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise FedllmError(f"{path} is unreadable ({exc}); move it aside (the next round writes it again)") from exc
+        raise FedllmError(f"{path} is unreadable ({exc}); {advice}") from exc
     if not isinstance(value, dict):
-        raise FedllmError(f"{path} is not a JSON object; move it aside (the next round writes it again)")
+        raise FedllmError(f"{path} is not a JSON object; {advice}")
+    bad = [name for name, ok in fields.items() if name in value and not ok(value[name])]
+    if bad:
+        raise FedllmError(f"{path}: {', '.join(bad)} out of range or of the wrong type; {advice}")
     return value
 
 

@@ -153,3 +153,20 @@ def test_the_resident_worker_keeps_the_model_and_refuses_strangers(device, tmp_p
     finally:
         process.kill()
         process.wait()
+
+
+def test_state_files_read_back_are_checked(tmp_path):
+    """model.json and personal.json come from disk: a bad field is refused with a reason, and
+    a damaged version record does not stop a round from writing the next one."""
+    from fedllm.state import StateStore
+
+    store = StateStore(tmp_path, "c")
+    store.dir.mkdir()
+    store.personal_info_path.write_text(json.dumps({"method": "../../etc", "version": "7"}))
+    with pytest.raises(FedllmError, match="method, version out of range"):
+        store.personal_info()
+    assert store.record_personal("ditto", 3, "run1", 40, None, "every-round")["version"] == 1
+    assert store.record_personal("ditto", 4, "run1", 40, 1.5, "every-round")["version"] == 2
+    store.model_path.write_text(json.dumps({"base": "/m", "config": {}, "global_round": -1}))
+    with pytest.raises(FedllmError, match="global_round out of range"):
+        store.model_info()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -25,6 +24,7 @@ from flwr.compat.common import recorddict_compat as compat
 
 from fedllm import messages as wire
 from fedllm import secure_metrics
+from fedllm.hive import slotted
 from fedllm.secure_metrics import clipping_range
 
 KEYS_FIELD = wire.ADAPTER_KEYS
@@ -50,17 +50,20 @@ def _from_fitins(content: RecordDict) -> tuple[RecordDict, list[str]]:
                        wire.CONFIG: config}), keys
 
 
-def _to_fitres(reply: RecordDict, global_arrays: ArrayRecord, keys: list[str], weight: int, clip: float) -> RecordDict:
+def _to_fitres(reply: RecordDict, global_arrays: ArrayRecord, keys: list[str], weight: int, clip: float,
+               k: int = 1) -> RecordDict:
     """fedllm's train reply as FitRes: the delta in `keys` order (zeros when the client
     declined), then its training metrics encoded into one more tensor (fedllm.secure_metrics),
     all masked; weight 1 (0: a decline that must not count); in the clear only the client
     id, a decline's reason and the epsilon report."""
     delta = reply.array_records.get(wire.ARRAYS)
-    tensors = [np.asarray(delta[k].numpy() if delta is not None else np.zeros_like(global_arrays[k].numpy()),
-                          dtype=np.float64) for k in keys]
     trained = dict(reply.metric_records[wire.METRICS]) if delta is not None and wire.METRICS in reply.metric_records \
         else None
-    tensors.append(secure_metrics.encode(trained, clip))  # masked with the delta: the server sees only sums
+    chosen = int(trained[wire.SPECIALIST]) if trained and wire.SPECIALIST in trained else None
+    # a hive: one slot per specialist, the delta in the chosen one (fedllm.hive.slotted)
+    tensors = slotted({k: a.numpy() for k, a in delta.items()} if delta is not None else {},
+                      chosen if delta is not None else None, keys, {k: global_arrays[k].numpy() for k in keys})
+    tensors.append(secure_metrics.encode(trained, clip, k))  # masked with the delta: the server sees only sums
     plain: dict = {}
     for name in (wire.CLIENT, wire.PRIVACY):
         if name in reply.config_records:
@@ -74,7 +77,7 @@ def _secure_settings(request: ConfigRecord):
     values: they set the quantiser's range, which the server decodes with)."""
     from fedllm.config import Config
 
-    keys = ("secagg.clipping-range", "user-dp.enabled", "user-dp.clip")
+    keys = ("secagg.clipping-range", "user-dp.enabled", "user-dp.clip", "hive.k")
     return Config.from_flat({k: request[k] for k in keys if k in request})
 
 
@@ -84,14 +87,15 @@ def _train_in_fedllm_format(call_next: ClientAppCallable) -> ClientAppCallable:
         global_arrays = msg.content[wire.ARRAYS]
         request = msg.content[wire.CONFIG]
         user_dp = bool(request.get("user-dp.enabled", False))
-        clip = clipping_range(_secure_settings(request))
+        settings = _secure_settings(request)
+        clip = clipping_range(settings)
         reply = call_next(msg, context)
         if reply.has_error():
             return reply
         declined = wire.ARRAYS not in reply.content.array_records
         # A decline sends zeros; weighted 0 unless user-level DP needs every sampled client counted.
         weight = 0 if declined and not user_dp else 1
-        reply.content = _to_fitres(reply.content, global_arrays, keys, weight, clip)
+        reply.content = _to_fitres(reply.content, global_arrays, keys, weight, clip, settings.hive.k)
         return reply
 
     return call

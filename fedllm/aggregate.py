@@ -36,6 +36,7 @@ class Contribution:
     client: str
     delta: Delta
     weight: float = 1.0
+    specialist: int = 0  # a hive's specialist it is for (fedllm.hive)
 
 
 def norm(delta: Delta) -> float:

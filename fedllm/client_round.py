@@ -24,9 +24,10 @@ from typing import Any
 import torch
 
 from fedllm import messages as wire
-from fedllm.config import Config, planned_steps
+from fedllm.config import Config, planned_selections, planned_steps
 from fedllm.data import ClientData, load_clients
 from fedllm.data.corpus import device_client
+from fedllm.hive_device import keep_choice, kept_choice, pick, specialists
 from fedllm.model import adapter_state, load_adapter_state
 from fedllm.personal import trainable_snapshot
 from fedllm.privacy.engine import check_adapter_moved, make_private, poisson_sample_rate
@@ -103,7 +104,7 @@ def open_ledger(config: Config, data: ClientData, ledger: Ledger | None = None, 
         num_records=data.num_records, delta=p.delta, target_epsilon=p.target_epsilon,
         sample_rate=poisson_sample_rate(data.num_records, config.train.batch_size),
         max_grad_norm=p.max_grad_norm, planned_steps=planned_steps(config),
-        accountant=p.accountant,
+        accountant=p.accountant, planned_selections=planned_selections(config), select_noise=config.hive.select_noise,
     )
 
 
@@ -150,18 +151,26 @@ def train_round(config: Config, source: Source, global_state: dict[str, torch.Te
     why, report, ledger = check_policy(config, data, policy or DevicePolicy.from_config(config))  # 2
     if why:
         return wire.TrainReply(data.client_id, declined=why, report=report)
+    packed, states = global_state, specialists(config, global_state)
     if config.privacy.enabled:                                                            # 3
         ledger = open_ledger(config, data, ledger, request.server_round, request.run_id)
     if ledger is not None:
-        charge = ledger.next_charge(request.server_round, config.local_steps, run=request.run_id)
-        declined = charge_or_decline(ledger, [charge], config.privacy.target_epsilon)
+        charges = [ledger.next_charge(request.server_round, config.local_steps, run=request.run_id)]
+        if len(states) > 1:  # the hive's choice is a release of the records too: charged with the steps
+            charges.insert(0, ledger.selection_charge(request.server_round, config.hive.select_noise, request.run_id))
+        declined = charge_or_decline(ledger, charges, config.privacy.target_epsilon)
         if declined:
             return wire.TrainReply(data.client_id, declined=declined,
                                    report=client_report(ledger, declined, config.privacy.target_epsilon))
     worker = worker_for(config)                                                           # 4
     train_examples, _ = examples_for(worker, data, config.model.max_length)
+    chosen = None
+    if len(states) > 1:  # the hive: train the specialist that fits these records best (fedllm.hive)
+        chosen = pick(config, worker, data.client_id, states, train_examples, ledger is not None, request.server_round)
+        keep_choice(config, data.client_id, chosen, request.server_round, request.run_id, ledger is not None)
+        global_state = states[chosen]
     load_adapter_state(worker.model, global_state)
-    keep_global(config, worker, data, global_state, request)
+    keep_global(config, worker, data, packed, request)
     try:
         result = train_steps(config, worker, train_examples, config.local_steps, config.train.lr,
                              client_seed(config.seed, request.server_round, data.client_id), ledger,
@@ -177,7 +186,35 @@ def train_round(config: Config, source: Source, global_state: dict[str, torch.Te
     report = client_report(ledger, "", config.privacy.target_epsilon) if ledger is not None else None  # 7
     return wire.TrainReply(data.client_id, delta=delta, report=report, metrics={
         wire.NUM_EXAMPLES: data.num_records, wire.TRAIN_LOSS: result.loss, wire.STEPS: result.steps,
-        wire.EPSILON: report["epsilon"] if report else 0.0})
+        wire.EPSILON: report["epsilon"] if report else 0.0,
+        **({wire.SPECIALIST: chosen} if chosen is not None else {})})  # masked in a secure round (client/secure.py)
+
+
+def evaluation_choice(config: Config, source: Source, states: list, request: Request,
+                      policy: DevicePolicy | None = None) -> tuple[int, dict | None]:
+    """(the specialist this device is evaluated and personalised with, its epsilon report
+    when a choice was charged). Without DP it scores them afresh; under DP it reuses the
+    choice it keeps (already paid for), and only a device that never chose pays for one; a
+    device that cannot pay takes specialist 0, chosen without looking at its data."""
+    data = client_data(config, source)
+    if config.privacy.enabled and (kept := kept_choice(config, data.client_id)) is not None:
+        return kept, None
+    report, ledger = None, None
+    if config.privacy.enabled:
+        why, report, ledger = check_policy(config, data, policy or DevicePolicy.from_config(config))
+        if why:
+            return 0, report
+        ledger = open_ledger(config, data, ledger, request.server_round, request.run_id)
+        charge = ledger.selection_charge(request.server_round, config.hive.select_noise, request.run_id)
+        declined = charge_or_decline(ledger, [charge], config.privacy.target_epsilon)
+        report = client_report(ledger, declined, config.privacy.target_epsilon)
+        if declined:
+            return 0, report
+    worker = worker_for(config)
+    train_examples, _ = examples_for(worker, data, config.model.max_length)
+    chosen = pick(config, worker, data.client_id, states, train_examples, ledger is not None, request.server_round)
+    keep_choice(config, data.client_id, chosen, request.server_round, request.run_id, ledger is not None)
+    return chosen, report
 
 
 def _stop_when(still_available):
@@ -204,8 +241,9 @@ def keep_global(config: Config, worker: Worker, data: ClientData, global_state: 
 
 
 def evaluate_round(config: Config, source: Source, global_state: dict[str, torch.Tensor],
-                   request: Request | None = None) -> wire.EvalReply:
-    """Held-out metrics of the global adapter on this client."""
+                   request: Request | None = None, packed: dict[str, torch.Tensor] | None = None) -> wire.EvalReply:
+    """Held-out metrics of the global adapter (a hive's chosen specialist) on this client;
+    `packed`: everything the server sent (a hive's every specialist), kept on the device."""
     from fedllm.evaluate import evaluate
 
     worker = worker_for(config)
@@ -213,6 +251,6 @@ def evaluate_round(config: Config, source: Source, global_state: dict[str, torch
     _, heldout = examples_for(worker, data, config.model.max_length)
     load_adapter_state(worker.model, global_state)
     if request is not None:
-        keep_global(config, worker, data, global_state, request)
+        keep_global(config, worker, data, packed if packed is not None else global_state, request)
     metrics = evaluate(worker.model, heldout, config.evaluate.batch_size, worker.tokenizer.pad_token_id)
     return wire.EvalReply(data.client_id, {wire.NUM_EXAMPLES: len(data.heldout), **metrics})

@@ -65,6 +65,9 @@ def _device(v: str) -> bool:
 @dataclass(frozen=True)
 class DataConfig:
     path: str = _key("", None, "a folder path", "folder of per-client .txt/.jsonl files; empty: the embedded plays")
+    corpus: str = _key("plays", *_one_of("plays", "code", "mixed"),
+                       doc="the embedded clients (data.path empty): plays (speaking roles), code (modules of "
+                           "the pinned sympy source) or mixed (half of each)")
     min_records: int = _key(20, *POS_INT, doc="a role/file needs this many records to become a client")
     holdout_fraction: float = _key(0.2, *FRACTION, doc="share of each client's last records held out")
     public_fraction: float = _key(0.5, *FRACTION, doc="share of plays kept public for the base model")
@@ -245,6 +248,17 @@ class UserDPConfig:
 
 
 @dataclass(frozen=True)
+class HiveConfig:
+    k: int = _key(1, lambda v: 1 <= v <= 64, "an integer in 1..64",
+                  doc="specialist adapters the devices choose among (fedllm.hive); 1: one global adapter")
+    method: str = _key("ifca", *_one_of("ifca"),
+                       doc="ifca: each device trains the specialist with the lowest loss on its training records")
+    select_noise: float = _key(5.0, *POS_FLOAT,
+                               doc="under DP: std of the Gaussian noise on the per-record votes of a device's "
+                                   "choice (report-noisy-max, charged as a Gaussian release of this multiplier)")
+
+
+@dataclass(frozen=True)
 class ResumeConfig:
     accept_changes: bool = _key(False, None, "true or false",
                                 "a restarted server accepts config changes that affect neither privacy nor shapes "
@@ -277,6 +291,7 @@ class Config:
     personal: PersonalConfig = field(default_factory=PersonalConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     user_dp: UserDPConfig = field(default_factory=UserDPConfig)
+    hive: HiveConfig = field(default_factory=HiveConfig)
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any]) -> "Config":
@@ -300,6 +315,12 @@ def planned_rounds(config: Config) -> int:
     rounds, p = config.num_server_rounds, config.clients_per_round / config.num_clients
     likely = rounds * p + 2 * math.sqrt(rounds * p * (1 - p))
     return max(1, min(rounds, math.ceil(likely)))
+
+
+def planned_selections(config: Config) -> int:
+    """Private specialist choices a client's noise is calibrated for (hive.k > 1): one per
+    planned training round, and one when it is first evaluated without having trained."""
+    return planned_rounds(config) + 1 if config.hive.k > 1 else 0
 
 
 def planned_steps(config: Config) -> int:
@@ -443,6 +464,15 @@ def _check_together(c: Config) -> None:
         raise ConfigError(f"strategy.name={c.strategy.name} needs each client's update, but secure aggregation and "
                           "user-level DP hand the strategy only their sum; use fedavg, fedadam, fedprox, fedavgm, "
                           "fedyogi or fedadagrad with them")
+    if c.hive.k > 1 and c.user_dp.enabled:
+        raise ConfigError(f"hive.k={c.hive.k} with user-dp.enabled: user-level noise per specialist is not "
+                          "accounted yet; use hive.k=1 or user-dp.enabled=false")
+    if c.data.path and c.data.corpus != "plays":
+        raise ConfigError(f"data.corpus={c.data.corpus} names an embedded corpus, but data.path={c.data.path} "
+                          "is set; leave one of them at its default")
+    if c.data.corpus != "plays" and c.data.partitioner != "natural":
+        raise ConfigError(f"data.partitioner={c.data.partitioner} deals the plays only; data.corpus="
+                          f"{c.data.corpus} has natural clients (modules)")
     if c.base.hidden_size % c.base.heads:
         raise ConfigError(
             f"base.hidden-size={c.base.hidden_size} must be a multiple of base.heads={c.base.heads}"

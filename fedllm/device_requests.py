@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from fedllm import hive
 from fedllm import messages as wire
 from fedllm.config import Config
 from fedllm.errors import FedllmError
@@ -128,6 +129,7 @@ def train(request: DeviceRequest) -> wire.TrainReply:
     try:
         config, policy = _config(request)
         asked = Request(_round(request.config), _run_id(request.config), _proximal_mu(request.config))
+        hive.unpack(request.arrays, config.hive.k)  # a hive's slots, checked before anything is charged
     except FedllmError as exc:  # a request this device cannot even read: a reply that says why, nothing charged
         local, _ = _local(request)
         data = client_data(device_config({}, local), _source(request))
@@ -151,18 +153,26 @@ def train(request: DeviceRequest) -> wire.TrainReply:
 def evaluate(request: DeviceRequest) -> wire.EvalReply:
     """Held-out metrics of the global adapter; when asked (after the last round), also of
     this device's personalised adapter and of its local-only baseline."""
-    from fedllm.client_round import Request, evaluate_round
+    from fedllm.client_round import Request, evaluation_choice, evaluate_round
+    from fedllm.hive_device import specialists
     from fedllm.personal_round import personalise
     from fedllm.schedule import limit_threads
 
     config, policy = _config(request)
     asked = Request(_round(request.config), _run_id(request.config))
     limit_threads(request.node)
-    global_state = _state(request.arrays)
-    reply = evaluate_round(config, _source(request), global_state, asked)
+    packed = _state(request.arrays)
+    states = specialists(config, packed)
+    chosen, report = evaluation_choice(config, _source(request), states, asked, policy) if len(states) > 1 \
+        else (0, None)
+    reply = evaluate_round(config, _source(request), states[chosen], asked, packed)
+    reply.report = report
+    if len(states) > 1 and not config.secagg.enabled:  # a secure run never shows a device's choice
+        reply.metrics[wire.SPECIALIST] = chosen
     if request.config.get(wire.PERSONALISE, False) is True:
-        personal, reply.report = personalise(config, _source(request), global_state, asked,
-                                             global_metrics=reply.metrics, policy=policy)
+        personal, personal_report = personalise(config, _source(request), states[chosen], asked,
+                                                global_metrics=reply.metrics, policy=policy)
+        reply.report = personal_report or report
         reply.metrics.update(personal)
     return reply
 

@@ -35,3 +35,18 @@ def evaluate(model, examples: list[list[int]], batch_size: int, pad_id: int) -> 
     loss = nll_sum / max(tokens, 1)
     return {"loss": loss, "perplexity": math.exp(loss), "top1": top1 / max(tokens, 1),
             "top3": top3 / max(tokens, 1), "tokens": float(tokens)}
+
+
+@torch.no_grad()
+def record_losses(model, examples: list[list[int]], batch_size: int, pad_id: int) -> list[float]:
+    """Mean token loss of each record on its own (a hive's per-record score)."""
+    model.eval()
+    device = model_device(model)
+    out: list[float] = []
+    for start in range(0, len(examples), batch_size):
+        batch = to_device(collate(examples[start : start + batch_size], pad_id), device)
+        logits = model(**batch, use_cache=False).logits[:, :-1].float()
+        targets, mask = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none") * mask
+        out.extend((nll.sum(1) / mask.sum(1).clamp(min=1)).tolist())
+    return out

@@ -4,11 +4,12 @@ Flower import here, so the contract reads without the transport.
 
 A message's content is a set of named records (Flower's `RecordDict`):
 
-    train request     ARRAYS (the global adapter), CONFIG (the flat config and REQUEST_FIELDS)
+    train request     ARRAYS (the global adapter; a hive's specialists as hive-j/<key>), CONFIG (the flat config and REQUEST_FIELDS)
     train reply       CLIENT; and either ARRAYS (the delta) + METRICS (TRAIN_METRICS), or
                       CLIENT.declined set; PRIVACY when the device keeps a ledger
     evaluate request  ARRAYS, CONFIG (PERSONALISE asks for personal and local-only metrics too)
-    evaluate reply    METRICS (EVAL_METRICS, or PERSONAL_EVAL_METRICS), CLIENT, PRIVACY after personal steps
+    evaluate reply    METRICS (EVAL_METRICS, or PERSONAL_EVAL_METRICS; and SPECIALIST in a plain hive run), CLIENT,
+                      PRIVACY after charged personal steps or a charged choice of specialist
     query request     CONFIG
     query reply       METRICS (QUERY_METRICS), CLIENT
 
@@ -51,6 +52,7 @@ TRAIN_LOSS = "train-loss"
 STEPS = "steps"
 EPSILON = "epsilon"
 TRAIN_METRICS = frozenset({NUM_EXAMPLES, TRAIN_LOSS, STEPS, EPSILON})
+SPECIALIST = "specialist"  # hive.k > 1, plain rounds: which specialist the delta is for (fedllm.hive)
 EVAL_VALUES = ("loss", "perplexity", "top1", "top3", "tokens")  # fedllm.evaluate.METRICS
 SUMMARY_VALUES = EVAL_VALUES[:4]  # what is averaged over clients and compared between models
 PERSONAL_DECLINED = "personal-declined"

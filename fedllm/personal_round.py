@@ -17,6 +17,7 @@ from fedllm.client_round import (Request, Source, charge_or_decline, check_polic
                                  ledger_path, open_ledger, train_round, train_steps)
 from fedllm.config import Config
 from fedllm.evaluate import evaluate
+from fedllm.hive_device import specialists
 from fedllm.model import adapter_state, load_adapter_state
 from fedllm.personal import (EarlyStopping, load_state, personal_state, save_state, stacked_personal_adapter,
                              trainable_snapshot)
@@ -102,6 +103,8 @@ def train_and_personalise(config: Config, source: Source, global_state: dict[str
         charge = ledger.next_charge(request.server_round, config.personal.steps, "personal", request.run_id)
         if charge_or_decline(ledger, [charge], config.privacy.target_epsilon):
             return reply
+    if wire.SPECIALIST in reply.metrics:  # a hive: the personal adapter follows the specialist just trained
+        global_state = specialists(config, global_state)[int(reply.metrics[wire.SPECIALIST])]
     update_personal(config, worker_for(config), data, global_state, request, ledger, "every-round")
     if ledger is not None:  # the report the server gets shows the personal charge too
         reply.report = client_report(ledger, "", config.privacy.target_epsilon)

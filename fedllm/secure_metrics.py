@@ -34,23 +34,38 @@ def clipping_range(config) -> float:
     return config.user_dp.clip if config.user_dp.enabled else 8.0
 
 
-def encode(metrics: dict[str, float] | None, c: float) -> np.ndarray:
+def chose(j: int) -> str:
+    """A hive's count of the devices that chose specialist j (a one-hot entry per device)."""
+    return f"chose-{j}"
+
+
+def fields(k: int = 1) -> tuple[tuple[str, float], ...]:
+    """FIELDS, and with a hive of k > 1 specialists the one-hot of the device's choice."""
+    return FIELDS + (tuple((chose(j), 1.0) for j in range(k)) if k > 1 else ())
+
+
+def encode(metrics: dict[str, float] | None, c: float, k: int = 1) -> np.ndarray:
     """The metrics tensor a device masks; zeros for a device that did not train."""
+    spec = fields(k)
     if not metrics:
-        return np.zeros(len(FIELDS), dtype=np.float64)
-    values = [1.0 if name == TRAINED else float(metrics[name]) for name, _ in FIELDS]
-    return np.asarray([min(max(v / scale, 0.0), 1.0) * c for v, (_, scale) in zip(values, FIELDS)], np.float64)
+        return np.zeros(len(spec), dtype=np.float64)
+    chosen = int(metrics.get(wire.SPECIALIST, -1))
+    values = [1.0 if name == TRAINED else float(name == chose(chosen)) if name.startswith("chose-")
+              else float(metrics[name]) for name, _ in spec]
+    return np.asarray([min(max(v / scale, 0.0), 1.0) * c for v, (_, scale) in zip(values, spec)], np.float64)
 
 
-def decode(total: np.ndarray, c: float) -> dict[str, float]:
-    """Sums over the contributors from the unmasked sum of their metrics tensors."""
+def decode(total: np.ndarray, c: float, k: int = 1) -> dict[str, float]:
+    """Sums over the contributors from the unmasked sum of their metrics tensors (a hive's
+    counts unrounded: they divide its specialists' sums)."""
+    spec = fields(k)
     total = np.asarray(total, np.float64).reshape(-1)
-    if total.shape != (len(FIELDS),) or not np.isfinite(total).all():
-        raise ValueError(f"the metrics sum has shape {total.shape}, expected ({len(FIELDS)},)")
-    sums = {name: float(v) / c * scale for v, (name, scale) in zip(total, FIELDS)}
+    if total.shape != (len(spec),) or not np.isfinite(total).all():
+        raise ValueError(f"the metrics sum has shape {total.shape}, expected ({len(spec)},)")
+    sums = {name: float(v) / c * scale for v, (name, scale) in zip(total, spec)}
     return {name: float(round(v)) if name in INTEGER else v for name, v in sums.items()}
 
 
-def max_errors(contributors: int, bits: int) -> dict[str, float]:
+def max_errors(contributors: int, bits: int, k: int = 1) -> dict[str, float]:
     """The largest quantisation error of each decoded sum (before rounding)."""
-    return {name: contributors * 2 * scale / 2**bits for name, scale in FIELDS}
+    return {name: contributors * 2 * scale / 2**bits for name, scale in fields(k)}

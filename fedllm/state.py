@@ -7,7 +7,8 @@ it received with what it is an adapter of (`model.json`), and its personal adapt
 version (`personal.json`). Nothing in it is ever sent to the server.
 
     ledger.json                   every DP charge (fedllm.privacy.ledger)
-    global.safetensors            the latest global adapter this device received
+    global.safetensors            the latest global adapter this device received (a hive's every specialist)
+    hive.json                     the specialist it chose last (fedllm.hive_device)
     model.json                    base model path, LoRA and personal settings, global round
     personal-{method}.safetensors its personal adapter ("finetune", "adapter" or "ditto")
     personal.json                 the personal adapter's version, round, records seen, epsilon
@@ -27,7 +28,7 @@ from fedllm.untrusted import number_in
 
 # The config keys that say what the stored adapters are adapters of (model.json).
 MODEL_KEYS = ("model.name", "model.max-length", "lora.r", "lora.alpha", "lora.dropout", "lora.target-modules",
-              "personal.method", "personal.r", "seed")
+              "personal.method", "personal.r", "seed", "hive.k")
 
 
 def safe_name(client_id: str) -> str:

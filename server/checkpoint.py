@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord
 
-from fedllm import atomic
+from fedllm import atomic, hive
 from fedllm.errors import FedllmError
 from fedllm.model import save_adapter
 from fedllm.personal import load_state, save_state
@@ -24,9 +24,14 @@ log = logging.getLogger("fedllm.server")
 
 
 def save_checkpoint(server: Any, server_round: int) -> Path:
-    """checkpoints/round-N: the global adapter as a PEFT adapter directory."""
+    """checkpoints/round-N: the global adapter as a PEFT adapter directory; a hive's
+    specialists as checkpoints/round-N/specialist-j, one PEFT directory each."""
     path = server.run.checkpoint(server_round)
-    save_adapter(server.model, server.arrays.to_torch_state_dict(), path)
+    states = hive.unpack(server.arrays.to_torch_state_dict(), server.k)
+    if server.k == 1:
+        save_adapter(server.model, states[0], path)
+    for j, state in enumerate(states if server.k > 1 else []):
+        save_adapter(server.model, state, path / f"specialist-{j}")
     return path
 
 
@@ -59,10 +64,10 @@ def resume(server: Any) -> int:
     except Exception as exc:  # noqa: BLE001 - a corrupt or planted file
         raise FedllmError(f"cannot resume: {run.global_file(done)} is unreadable ({type(exc).__name__}); "
                           "restore it from a backup or start a new run directory") from None
-    if AdapterSpec.from_state(arrays) != server.spec or not all(torch.isfinite(v).all() for v in arrays.values()):
+    if AdapterSpec.from_state(arrays) != server.packed_spec or not all(torch.isfinite(v).all() for v in arrays.values()):
         raise FedllmError(f"cannot resume: {run.global_file(done)} does not fit this run's adapter "
                           "(keys, shapes or non-finite values)")
-    load_optimizer(server.optimizer, run.checkpoint(done), config.strategy.name, server.spec.shapes)
+    load_optimizer(server.optimizer, run.checkpoint(done), config.strategy.name, server.packed_spec.shapes)
     reports = {}
     for report in run.client_report_files():
         data = read_json(report)

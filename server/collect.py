@@ -48,7 +48,8 @@ class Cohort:
         return Expect(client_id=info.client_id if info else self.node_client.get(node, ""),
                       num_records=info.num_records if info else None,
                       num_heldout=info.num_heldout if info else None,
-                      local_steps=self.config.local_steps, privacy=self.config.privacy.enabled)
+                      local_steps=self.config.local_steps, privacy=self.config.privacy.enabled,
+                      specialists=self.config.hive.k)
 
     def client(self, node: int) -> str:
         return self.node_client.get(node, "?")
@@ -61,6 +62,10 @@ class Collected:
     running: RunningSum | None = None  # plain rounds of every other rule: the sum as it arrived
     secure_sum: Delta | None = None  # secure rounds: the sum of the contributed deltas
     contributors: int = 0
+    # a hive (hive.k > 1): per specialist, the plain running sums and the contributor counts
+    # (secure rounds: decoded from the masked one-hot, fedllm.secure_metrics)
+    running_by: list[RunningSum] | None = None
+    counts: list[float] | None = None
 
 
 def screen(cohort: Cohort, replies: Iterable[Message], nodes: list[int], check) -> Iterator[tuple[int, str, Verdict]]:
@@ -104,9 +109,13 @@ class _Plain:
 
     def __init__(self, cohort: Cohort):
         self.cohort, config = cohort, cohort.config
+        self.k = config.hive.k
         self.running = None if config.strategy.name in ROBUST else RunningSum(cohort.spec.shapes)
+        self.running_by = [RunningSum(cohort.spec.shapes) for _ in range(self.k)] \
+            if self.k > 1 and self.running is not None else None
         self.contributions: list[Contribution] = []
         self.rows: list[tuple[str, float, int, int]] = []  # client, loss, steps, upload bytes
+        self.chosen: list[int] = []  # a hive: each admitted row's specialist
         self.dropped: list[tuple[int, str, str]] = []
         self.declined: list[dict] = []
         self.user_clip = config.user_dp.clip if config.user_dp.enabled else None
@@ -120,11 +129,15 @@ class _Plain:
             # the device clipped; a larger delta would void the noise's calibration
             self.dropped.append((node, client, f"delta L2 norm {size:.4g} exceeds user-dp.clip={self.user_clip:g}"))
             return
-        contribution = Contribution(client, verdict.delta, _weight(self.cohort, node, verdict))
-        if self.running is not None:
+        specialist = int(verdict.metrics.get(wire.SPECIALIST, 0))
+        contribution = Contribution(client, verdict.delta, _weight(self.cohort, node, verdict), specialist)
+        if self.running_by is not None:
+            self.running_by[specialist].add(contribution)
+        elif self.running is not None:
             self.running.add(contribution)
         else:
             self.contributions.append(contribution)
+        self.chosen.append(specialist)
         self.rows.append((client, verdict.metrics[wire.TRAIN_LOSS], int(verdict.metrics[wire.STEPS]),
                           sum(a.nbytes for a in verdict.delta.values())))
 
@@ -168,6 +181,7 @@ def collect_plain(cohort: Cohort, server_round: int, nodes: list[int], arrays: A
     books.rejected += len(plain.dropped)
     upload = [row[3] for row in plain.rows]
     books.upload.extend(upload)
+    hive = {"chosen": plain.chosen, "counts": [plain.chosen.count(j) for j in range(plain.k)]} if plain.k > 1 else {}
     return Collected({
         "sampled": [cohort.client(n) for n in nodes],
         "clients": [row[0] for row in plain.rows],
@@ -176,7 +190,10 @@ def collect_plain(cohort: Cohort, server_round: int, nodes: list[int], arrays: A
         "upload_bytes": upload,
         "dropped": [{"node": n, "client_id": c, "reason": r} for n, c, r in plain.dropped],
         "declined": plain.declined,
-    }, contributions=plain.contributions, running=plain.running, contributors=len(plain.rows))
+        **({"hive": hive} if hive else {}),
+    }, contributions=plain.contributions, running=None if plain.running_by else plain.running,
+        contributors=len(plain.rows), running_by=plain.running_by,
+        counts=[float(c) for c in hive["counts"]] if hive else None)
 
 
 def _weight(cohort: Cohort, node: int, verdict: Verdict) -> float:
@@ -214,11 +231,14 @@ def collect_secure(cohort: Cohort, server_round: int, nodes: list[int], arrays: 
     secagg: dict[str, Any] = {"shares": result.shares, "threshold": result.threshold,
                               "sampled": result.sampled, "contributed": len(result.replies),
                               "dropped_out": result.sampled - len(result.replies),
-                              "quantization": quantization(config, contributors, cohort.spec.num_values)}
+                              "quantization": quantization(config, contributors, cohort.spec.num_values * config.hive.k)}
+    k = config.hive.k
     if done and result.metric_sums:  # the training metrics, as sums over the contributors only
         sums = result.metric_sums
-        secagg["metric_sums"] = {**sums, "max_error": secure_metrics.max_errors(contributors,
-                                                                                  config.secagg.quantization_bits)}
+        secagg["metric_sums"] = {**sums, "max_error": secure_metrics.max_errors(
+            contributors, config.secagg.quantization_bits, k)}
+    counts = [result.metric_sums.get(secure_metrics.chose(j), 0.0) for j in range(k)] \
+        if k > 1 and done and result.metric_sums else None
     if result.error:
         secagg["error"] = result.error
         log.warning("round %d: %s", server_round, result.error)
@@ -235,7 +255,8 @@ def collect_secure(cohort: Cohort, server_round: int, nodes: list[int], arrays: 
         "dropped": flagged,
         "declined": declined,
         "secagg": secagg,
-    }, secure_sum=result.total, contributors=contributors)
+        **({"hive": {"counts": [round(c) for c in counts]}} if counts is not None else {}),
+    }, secure_sum=result.total, contributors=contributors, counts=counts)
 
 
 def as_arrays(values: dict[str, np.ndarray]) -> ArrayRecord:

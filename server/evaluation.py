@@ -32,10 +32,14 @@ def evaluate(cohort: Cohort, server_round: int, nodes: list[int], arrays: ArrayR
     content = RecordDict({wire.ARRAYS: arrays, wire.CONFIG: request})
     messages = [Message(content=content, dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
     expected = wire.PERSONAL_EVAL_METRICS if personalise else wire.EVAL_METRICS
+    if cohort.config.hive.k > 1 and not cohort.config.secagg.enabled:  # which specialist each device took
+        expected = expected | {wire.SPECIALIST}
     replies = send_and_receive(cohort.grid, messages, cohort.config.round_timeout)
     per_client: dict[str, dict[str, float]] = {}
     for node, client, verdict in screen(cohort, replies, nodes, lambda msg, node: check_evaluate_reply(
             msg, expected, cohort.expect(node))):
+        if not verdict.reason and verdict.metrics.get(wire.SPECIALIST, 0) >= cohort.config.hive.k:
+            verdict.reason = f"specialist {verdict.metrics[wire.SPECIALIST]:.0f} is not below hive.k"
         if verdict.reason or client == "?":
             log.warning("round %d: evaluation reply from node %d dropped: %s", server_round, node,
                         verdict.reason or "unknown node")

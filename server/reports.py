@@ -39,3 +39,37 @@ def user_level_report(server: Any, rounds: int) -> dict[str, Any]:
     report = {"enabled": True, "run_id": server.run_id, **u.report(rounds, config.num_server_rounds, secagg, server.run_id)}
     server.run.write_user_level(report)
     return report
+
+
+def hive_summary(server: Any, last_eval: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's `hive`: per specialist, the devices that chose it (at the last
+    evaluation, where the run shows choices: never in a secure run) and how pure that
+    membership is where the simulation knows each client's corpus; the training rounds'
+    counts (a secure round's are sums of masked one-hot votes); the upload cost."""
+    from fedllm import hive
+    from fedllm import messages as wire
+
+    config = server.config
+    choices = {c: int(m[wire.SPECIALIST]) for c, m in last_eval.get("clients", {}).items() if wire.SPECIALIST in m}
+    kinds: dict[str, str] = {}
+    if not config.data.path:  # a simulation's embedded corpus: each client's kind is known
+        try:
+            from fedllm.data import load_clients
+
+            kinds = {c.client_id: c.kind for c in load_clients(config)}
+        except Exception:  # noqa: BLE001 - a server without the corpus reports no purity
+            kinds = {}
+    per_round = [m["train"]["hive"]["counts"] for m in server.run.metrics()
+                 if isinstance(m.get("train"), dict) and isinstance(m["train"].get("hive"), dict)]
+    one_adapter = sum(a.numpy().nbytes for a in server.arrays.values()) / server.k
+    return {
+        "k": server.k, "method": config.hive.method,
+        "select_noise": config.hive.select_noise if config.privacy.enabled else None,
+        "specialists": hive.purity(choices, kinds, server.k) if choices else [],
+        "evaluated_choices": "per device at the last evaluation" if choices else
+                             "not shown to the server (secure aggregation)",
+        "train_counts_per_round": per_round,
+        "train_counts_total": [sum(r[j] for r in per_round) for j in range(server.k)],
+        "upload_adapters_per_device": server.k if config.secagg.enabled else 1,
+        "adapter_bytes": one_adapter,
+    }

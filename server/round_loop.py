@@ -25,7 +25,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
-from fedllm import aggregate
+from fedllm import aggregate, hive
 from fedllm import messages as wire
 from fedllm.config import Config
 from fedllm.errors import FedllmError
@@ -39,7 +39,7 @@ from server.books import Books
 from server.checkpoint import resume, save_checkpoint, save_server_state
 from server.collect import Cohort, Collected, as_arrays, collect_plain, collect_secure
 from server.evaluation import evaluate, mean_metrics, personalisation
-from server.reports import user_level_report
+from server.reports import hive_summary, user_level_report
 from server.sampling import ClientSampler, NodeInfo, discover
 from server.validation import AdapterSpec
 
@@ -54,8 +54,10 @@ class Server:
         self.base = resolve_base(config)
         model, _ = load_base(self.base)
         self.model = attach_lora(model, config.lora, config.seed)
-        self.arrays = ArrayRecord(adapter_state(self.model))
-        self.spec = AdapterSpec.from_state(adapter_state(self.model))
+        self.k = config.hive.k  # specialists (fedllm.hive): above 1, self.arrays holds them all, packed
+        self.arrays = ArrayRecord(hive.pack([adapter_state(self.model)] * self.k))
+        self.spec = AdapterSpec.from_state(adapter_state(self.model))  # of one adapter: what a plain delta is
+        self.packed_spec = AdapterSpec.from_state(self.arrays.to_torch_state_dict())
         self.base_bytes = base_model_bytes(self.model)
         registry = Path(config.privacy.genesis_registry) if config.privacy.genesis_registry else None
         self.books = Books(self.run, registry)
@@ -98,18 +100,33 @@ class Server:
                         " but for the noise" if self.user_level else "")
         return collected.record
 
-    def update(self, collected: Collected) -> aggregate.Delta | None:
-        """The round's update (None: the global adapter stays): the composition of steps."""
+    def update(self, collected: Collected) -> aggregate.Delta | list[aggregate.Delta | None] | None:
+        """The round's update (None: the global adapter stays): the composition of steps; a
+        hive's is one per specialist, each from its own choosers (None: nobody chose it)."""
         u = self.user_level
         plan = aggregate.plan_for(self.config, u.noise_std if u else None, u.denominator if u else 1.0)
-        return aggregate.round_update(plan, self.spec.shapes, collected.contributions, collected.secure_sum,
-                                      collected.contributors, self.noise, collected.running)
+        if self.k == 1:
+            return aggregate.round_update(plan, self.spec.shapes, collected.contributions, collected.secure_sum,
+                                          collected.contributors, self.noise, collected.running)
+        sums = hive.unpack(collected.secure_sum, self.k) if collected.secure_sum is not None else [None] * self.k
+        counts = collected.counts or [0.0] * self.k
+        updates = [aggregate.round_update(
+            plan, self.spec.shapes, [c for c in collected.contributions if c.specialist == j], sums[j], counts[j],
+            self.noise, collected.running_by[j] if collected.running_by else None) for j in range(self.k)]
+        return updates if any(u is not None for u in updates) else None
 
-    def apply(self, server_round: int, update: aggregate.Delta) -> None:
-        """The server optimizer's step; a result that is not finite leaves the global adapter."""
+    def apply(self, server_round: int, update: aggregate.Delta | list[aggregate.Delta | None]) -> None:
+        """The server optimizer's step; a result that is not finite leaves the global adapter.
+        A hive's specialists share one optimizer over the packed adapter (its state is per
+        coordinate); one nobody chose keeps its values and state."""
         current = {k: v.numpy() for k, v in self.arrays.items()}
         saved = {k: dict(v) for k, v in self.optimizer.state.items()}
+        updates = update if isinstance(update, list) else None
+        if updates is not None:
+            update = hive.combine(updates, self.spec.shapes)
         candidate = self.optimizer.step(server_round, current, update)
+        if updates is not None:
+            candidate = hive.keep_unchosen(candidate, current, self.optimizer.state, saved, updates)
         if aggregate.finite(candidate):
             self.arrays = as_arrays(candidate)
         else:
@@ -206,6 +223,7 @@ class Server:
             "privacy": books.privacy_summary(True, self.run_id) if config.privacy.enabled else {"enabled": False},
             "user_level_privacy": user_level_report(self, config.num_server_rounds),
             "secure_aggregation": config.secagg.enabled,
+            **({"hive": hive_summary(self, last_eval)} if self.k > 1 else {}),
             "final_checkpoint": str(self.run.checkpoint(config.num_server_rounds).relative_to(self.run.path)),
             "wall_seconds": round(seconds, 1),
         }

@@ -180,7 +180,7 @@ def secure_round(grid: Grid, config: Config, server_round: int, nodes: list[int]
         result.total = {k: np.asarray(a, np.float64) * result.contributors for k, a in zip(keys, handoff.mean)}
         try:  # the last tensor: the training metrics' sums (fedllm.secure_metrics)
             result.metric_sums = secure_metrics.decode(np.asarray(handoff.mean[-1], np.float64) * result.contributors,
-                                                       clipping_range(config))
+                                                       clipping_range(config), config.hive.k)
         except ValueError as exc:
             result.metric_sums = {}
             log.warning("round %d: %s", server_round, exc)

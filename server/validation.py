@@ -39,6 +39,7 @@ class Expect:
     num_heldout: int | None = None
     local_steps: int | None = None
     privacy: bool = False  # record-level DP: an update must come with a valid report
+    specialists: int = 1  # hive.k: above 1, a plain update names the specialist it is for
 
 
 @dataclass
@@ -175,8 +176,9 @@ def _check_train(msg: Message, spec: AdapterSpec, expect: Expect) -> Verdict:
     delta, why = decode_delta(content.array_records[wire.ARRAYS], spec)
     if delta is None:
         return Verdict(reason=why)
-    values, why = _declared_metrics(content.metric_records[wire.METRICS], TRAIN_RANGES, expect.num_records,
-                                    "records")
+    ranges = TRAIN_RANGES if expect.specialists <= 1 else {**TRAIN_RANGES,
+                                                           wire.SPECIALIST: (0, expect.specialists - 1, True)}
+    values, why = _declared_metrics(content.metric_records[wire.METRICS], ranges, expect.num_records, "records")
     if why:
         return Verdict(reason=why)
     if expect.local_steps is not None and values[wire.STEPS] != expect.local_steps:
@@ -198,7 +200,9 @@ def check_evaluate_reply(msg: Message, metric_keys: frozenset[str], expect: Expe
 def eval_ranges(metric_keys: frozenset[str]) -> dict[str, tuple[float, float, bool]]:
     ranges = {}
     for key in metric_keys:
-        if key == wire.NUM_EXAMPLES:
+        if key == wire.SPECIALIST:
+            ranges[key] = (0, 63, True)  # fedllm.hive.MAX_K - 1; the evaluation checks it against hive.k
+        elif key == wire.NUM_EXAMPLES:
             ranges[key] = (1, 2**31, True)
         elif key.endswith("perplexity"):
             ranges[key] = (1.0, 1e30, False)

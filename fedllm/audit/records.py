@@ -67,7 +67,11 @@ def check_report(audit: Audit, report: Any, name: str, config: Mapping[str, Any]
         sampling_problems.append(("sampling", f"{report['sampling']!r}; the accounting assumes 'poisson'"))
     rate, changed = float(report["sample_rate"]), []
     for i, e in enumerate(history):
-        if e.get("kind") == "records":
+        if e.get("kind") == "select":  # a hive's choice: one unsampled Gaussian release, whatever the rate in force
+            if float(e["sample_rate"]) != 1.0 or int(e["steps"]) != 1:
+                changed.append(f"history[{i}] is a specialist choice at rate {e['sample_rate']} over {e['steps']} "
+                               "steps; a choice is one release at rate 1")
+        elif e.get("kind") == "records":
             if int(e["steps"]) != 0:
                 changed.append(f"history[{i}] is a record-count change with {e['steps']} steps")
             rate = float(e["sample_rate"])
@@ -139,6 +143,14 @@ def _check_rounds(check: Checker, history: list[Mapping[str, Any]], server: Serv
                 if e.get("kind") in ("personal", "local-only") and i not in after_train}
     local_steps, personal_steps = config.get("local-steps"), config.get("personal.steps")
     problems: list[tuple[str, str]] = []
+    # hive: a choice is charged right before the train charge of its round, or once per run for
+    # a device evaluated before it ever trained (later evaluations reuse the kept choice)
+    with_train = {j for (j, e), (_, f) in zip(mine, mine[1:]) if e.get("kind") == "select"
+                  and f.get("kind", "train") == "train" and e["round"] == f["round"]}
+    alone = [j for j, e in mine if e.get("kind") == "select" and j not in with_train]
+    if len(alone) > 1:
+        problems.append((f"history[{alone[1]}]", f"{len(alone)} specialist choices outside training rounds in one run; "
+                                                 "a device makes one and keeps it"))
     for r, reported in sorted(server.accepted.items()):
         if r not in train:
             problems.append(("history", f"the server accepted this client's update in round {r}, but no train "

@@ -5,7 +5,8 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from fedllm.data.corpus import ClientData, clients_from_folder, clients_from_plays, embedded_split, select_clients
+from fedllm.data.corpus import (ClientData, clients_from_code, clients_from_folder, clients_from_plays, embedded_split,
+                                select_clients)
 from fedllm.errors import ConfigError
 
 
@@ -21,7 +22,12 @@ def _eligible(d, num_clients: int) -> tuple[ClientData, ...]:
             raise ConfigError(f"data.partitioner={d.partitioner} needs a dataset file (.jsonl, .csv, .parquet) or the "
                               "embedded plays; a folder holds one file per client")
         return tuple(clients_from_folder(Path(d.path), d.min_records, d.holdout_fraction))
+    if d.corpus == "code":
+        return tuple(clients_from_code(d.min_records, d.holdout_fraction))
     _, private = embedded_split(d.public_fraction, d.split_seed)
+    if d.corpus == "mixed":
+        return (*clients_from_plays(private, d.min_records, d.holdout_fraction),
+                *clients_from_code(d.min_records, d.holdout_fraction))
     if d.partitioner != "natural":  # a scale test: the private speeches dealt into synthetic clients
         return tuple(partitioned.synthetic_clients_from_plays(private, d, num_clients))
     return tuple(clients_from_plays(private, d.min_records, d.holdout_fraction))

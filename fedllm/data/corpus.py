@@ -17,11 +17,15 @@ from fedllm.data.plays import Play, load_plays
 from fedllm.errors import ConfigError, DataError
 
 
+VERSE = "verse"  # ClientData.kind of a play's role
+
+
 @dataclass(frozen=True)
 class ClientData:
     client_id: str
     train: tuple[str, ...]
     heldout: tuple[str, ...]
+    kind: str = ""  # which population, when known: "verse" (a role), "code" (a module); "" for a user's data
 
     @property
     def num_records(self) -> int:
@@ -61,8 +65,20 @@ def clients_from_plays(plays: list[Play], min_records: int, holdout_fraction: fl
         for role, texts in by_role.items():
             if len(texts) >= min_records:
                 train, heldout = holdout_split(texts, holdout_fraction)
-                clients.append(ClientData(f"{play.slug}.{_slug(role)}", train, heldout))
+                clients.append(ClientData(f"{play.slug}.{_slug(role)}", train, heldout, VERSE))
     return sorted(clients, key=lambda c: c.client_id)
+
+
+def clients_from_code(min_records: int, holdout_fraction: float) -> list[ClientData]:
+    """Every module of the embedded source with at least `min_records` top-level definitions."""
+    from fedllm.data.code import CODE, load_modules
+
+    clients = []
+    for client_id, records in load_modules():
+        if len(records) >= min_records:
+            train, heldout = holdout_split(list(records), holdout_fraction)
+            clients.append(ClientData(client_id, train, heldout, CODE))
+    return clients
 
 
 def _read_records(path: Path) -> list[str]:
@@ -128,7 +144,20 @@ def device_client(path: Path, client_id: str, min_records: int, holdout_fraction
 
 
 def select_clients(eligible: list[ClientData], num_clients: int, seed: int, min_records: int) -> list[ClientData]:
-    """A seeded choice of `num_clients` clients, in a stable order (partition i = entry i)."""
+    """A seeded choice of `num_clients` clients, in a stable order (partition i = entry i).
+    A mixed population (clients of several kinds) is drawn in equal shares per kind."""
+    kinds = sorted({c.kind for c in eligible})
+    if len(kinds) > 1:
+        chosen = []
+        for i, kind in enumerate(kinds):
+            share = num_clients // len(kinds) + (1 if i < num_clients % len(kinds) else 0)
+            pool = [c for c in eligible if c.kind == kind]
+            if share > len(pool):
+                raise ConfigError(f"num-clients={num_clients} needs {share} {kind} clients, but only {len(pool)} have "
+                                  f"at least data.min-records={min_records} records; lower num-clients or "
+                                  "data.min-records")
+            chosen += random.Random(f"{seed}/{kind}").sample(pool, share)
+        return sorted(chosen, key=lambda c: c.client_id)
     if num_clients > len(eligible):
         raise ConfigError(
             f"num-clients={num_clients} but only {len(eligible)} clients have at least "

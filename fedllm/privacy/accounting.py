@@ -27,10 +27,13 @@ def rdp_orders() -> list[float]:
 
 def _epsilon_of(acc, accountant: str, delta: float, **kwargs) -> float:
     """Opacus' epsilon. RDP uses the wider orders; PRV, which asks RDP only for the range of
-    its grid, keeps Opacus' note on that range out of the user's terminal."""
+    its grid, keeps Opacus' note on that range out of the user's terminal (and numpy's on
+    log(1 - q) of an unsampled release, q = 1, which it handles)."""
+    import numpy as np
+
     if accountant == "rdp":
         return float(acc.get_epsilon(delta=delta, alphas=rdp_orders()))
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         return float(acc.get_epsilon(delta=delta, **kwargs))
 
@@ -72,11 +75,13 @@ CALIBRATION_SECONDS = 60.0
 
 @lru_cache(maxsize=256)
 def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv",
-              time_limit: float = CALIBRATION_SECONDS) -> float:
+              time_limit: float = CALIBRATION_SECONDS,
+              fixed: tuple[tuple[float, float, int], ...] = ()) -> float:
     """The noise multiplier that spends `target_epsilon` over `steps` steps (to within
     0.5%, never above), at least MIN_NOISE_MULTIPLIER (more noise than the target needs
     is still honest). Opacus' bisection, bounded below and in time. Cached: clients of
-    similar size share a sample rate."""
+    similar size share a sample rate. `fixed`: other planned releases, (noise multiplier,
+    sample rate, steps) each, composed with the steps (a hive's private choices)."""
     import time
 
     from opacus.accountants import create_accountant
@@ -90,13 +95,16 @@ def calibrate(target_epsilon: float, delta: float, sample_rate: float, steps: in
         if time.monotonic() > deadline:
             raise PrivacyError(f"noise calibration for epsilon {target_epsilon:g} took over {time_limit:g}s; "
                                "lower privacy.target-epsilon or raise privacy.planned-rounds")
-        acc.history = [(sigma, sample_rate, steps)]
+        acc.history = [(sigma, sample_rate, steps), *fixed]
         try:
             return _epsilon_of(acc, accountant, delta)
         except (MemoryError, ValueError, OverflowError) as exc:
             raise PrivacyError(f"noise calibration failed at noise multiplier {sigma:g} ({exc!r}); lower "
                                "privacy.target-epsilon or use privacy.accountant=rdp") from exc
 
+    if fixed and eps(1e6) > target_epsilon:
+        raise PrivacyError(f"epsilon {target_epsilon:g} at delta {delta:g} is spent by the planned specialist "
+                           "choices alone; raise hive.select-noise or privacy.target-epsilon")
     low, high = 0.0, 20.0  # Opacus' search, step for step: the same multiplier as get_noise_multiplier
     while (eps_high := eps(high)) > target_epsilon:
         high *= 2

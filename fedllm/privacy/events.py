@@ -21,7 +21,8 @@ class Charge:
     steps: int
     kind: str = "train"  # what the steps were for: "train" (shared), "personal", "local-only", or
     # "user-round": one round of user-level DP (sigma and q of the clipped sum; privacy/user_level.json),
-    # or "records": zero steps, the device's record count changed and later charges sample at this rate
+    # or "records": zero steps, the device's record count changed and later charges sample at this rate,
+    # or "select": a hive's private choice of specialist, one unsampled Gaussian release (fedllm.hive)
     run: str = ""  # the server's run id: a state store outlives runs, round numbers do not
 
     def to_dict(self) -> dict[str, Any]:

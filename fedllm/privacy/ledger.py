@@ -57,12 +57,16 @@ class Ledger:
     accountant: str
     history: list[Charge] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=library_versions)
+    planned_selections: int = 0  # a hive's private choices the noise was calibrated beside (fedllm.hive)
+    select_noise: float = 0.0  # their noise multiplier
 
     # -- lifecycle -------------------------------------------------------------------
     @classmethod
     def open(cls, path: Path, *, client_id: str, num_records: int, delta: float, target_epsilon: float,
-             sample_rate: float, max_grad_norm: float, planned_steps: int, accountant: str) -> "Ledger":
-        """Load the client's ledger, or create it (calibrating the noise) on first use."""
+             sample_rate: float, max_grad_norm: float, planned_steps: int, accountant: str,
+             planned_selections: int = 0, select_noise: float = 0.0) -> "Ledger":
+        """Load the client's ledger, or create it (calibrating the noise) on first use.
+        `planned_selections` private choices at `select_noise` are planned beside the steps."""
         path = Path(path)
         ledger = cls.existing(path, client_id)
         if ledger is not None:
@@ -70,9 +74,11 @@ class Ledger:
         if delta >= 1.0 / num_records:
             raise LedgerError(f"privacy.delta={delta} is not below 1/n = {1.0 / num_records:.3g} for client "
                               f"{client_id} with {num_records} records; lower privacy.delta")
-        sigma = calibrate(target_epsilon, delta, sample_rate, planned_steps, accountant)
+        fixed = ((select_noise, 1.0, planned_selections),) if planned_selections else ()
+        sigma = calibrate(target_epsilon, delta, sample_rate, planned_steps, accountant, fixed=fixed)
         ledger = cls(path, client_id, num_records, delta, target_epsilon, sigma, sample_rate, max_grad_norm,
-                     planned_steps, accountant)
+                     planned_steps, accountant, planned_selections=planned_selections,
+                     select_noise=select_noise if planned_selections else 0.0)
         ledger.save()
         return ledger
 
@@ -96,7 +102,7 @@ class Ledger:
                 Path(path), d["client_id"], int(d["num_records"]), float(d["delta"]), float(d["target_epsilon"]),
                 float(d["noise_multiplier"]), float(d["sample_rate"]), float(d["max_grad_norm"]),
                 int(d["planned_steps"]), d["accountant"], [Charge.from_dict(c) for c in d["history"]],
-                dict(d["versions"]),
+                dict(d["versions"]), int(d.get("planned_selections", 0)), float(d.get("select_noise", 0.0)),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LedgerError(f"privacy ledger {path} is unreadable ({exc}); {advice}") from exc
@@ -128,6 +134,8 @@ class Ledger:
             "accountant": self.accountant, "sampling": "poisson", "secure_rng": False,
             "versions": self.versions,
         }
+        if self.planned_selections:  # only a hive's ledger: every other ledger's bytes (and chain) stay as they were
+            header.update(planned_selections=self.planned_selections, select_noise=self.select_noise)
         genesis, history = chain.link(header, [c.to_dict() for c in self.history])
         return {**header, "genesis": genesis, "history": history, "head": history[-1]["hash"] if history else genesis}
 
@@ -136,7 +144,11 @@ class Ledger:
 
     # -- spending --------------------------------------------------------------------
     def epsilon(self, extra: list[Charge] | None = None) -> float:
-        return epsilon(self.history + (extra or []), self.delta, self.accountant)
+        charges = self.history + (extra or [])
+        eps = epsilon(charges, self.delta, self.accountant)
+        if self.accountant == "prv" and 0 < eps < 1.0:  # PRV's default error bound, 0.01, is over 1% of it
+            eps = epsilon(charges, self.delta, self.accountant, relative_error=1e-3)
+        return eps
 
     @property
     def current_sample_rate(self) -> float:
@@ -161,6 +173,11 @@ class Ledger:
             return False
         self.charge([Charge(server_round, self.noise_multiplier, sample_rate, 0, RECORDS, run)])
         return True
+
+    def selection_charge(self, server_round: int, noise: float, run: str = "") -> Charge:
+        """A hive's private choice: one Gaussian release of noise multiplier `noise` on the
+        records' votes, unsampled (fedllm.hive)."""
+        return Charge(server_round, noise, 1.0, 1, "select", run)
 
     def next_charge(self, server_round: int, steps: int, kind: str = "train", run: str = "") -> Charge:
         return Charge(server_round, self.noise_multiplier, self.current_sample_rate, steps, kind, run)

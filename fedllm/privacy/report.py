@@ -14,6 +14,8 @@ from fedllm.untrusted import MAX_TEXT, number_in, say
 MAX_REPORT_BYTES = 4 << 20
 
 MECHANISM = "DP-SGD: Poisson-subsampled Gaussian mechanism on clipped per-record gradients of LoRA parameters"
+SELECTION = ("; a hive's choice of specialist (history kind 'select'): report-noisy-max on per-record votes "
+             "(L2 sensitivity 1) with Gaussian noise of std noise_multiplier, one unsampled release (sample rate 1)")
 COVERS = ("the adapter updates sent to the server and everything computed from them (global adapters, "
           "checkpoints); not the plain metrics a client also sends: its record count, mean training loss and "
           "held-out metrics")
@@ -25,7 +27,7 @@ def client_report(ledger: Ledger, declined: str = "", requested_target: float | 
     report = ledger.to_dict()
     applied = ledger.target_epsilon if requested_target is None else min(requested_target, ledger.target_epsilon)
     report.update({
-        "mechanism": MECHANISM,
+        "mechanism": MECHANISM + (SELECTION if any(c.kind == "select" for c in ledger.history) else ""),
         "covers": COVERS,
         "epsilon": ledger.epsilon(),
         "declined": declined,
@@ -61,10 +63,12 @@ REPORT_FIELDS: dict[str, tuple] = {
 OPTIONAL_REPORT_FIELDS: dict[str, tuple] = {
     "target_epsilon_applied": (float, 0.0, 100.0),
     "max_participations_per_day": (int, 1, 10**6),  # the device's own cap (fedllm client), when it set one
+    "planned_selections": (int, 1, 10**9),  # a hive's ledger: private choices planned beside the steps
+    "select_noise": (float, 0.0, 1e6),
 }
 ENTRY_FIELDS: dict[str, tuple] = {
     "round": (int, 0, 10**9), "noise_multiplier": (float, 0.0, 1e6), "sample_rate": (float, 0.0, 1.0),
-    "steps": (int, 0, 10**9), "kind": (str, ("train", "personal", "local-only", "records")), "run": (str,),
+    "steps": (int, 0, 10**9), "kind": (str, ("train", "personal", "local-only", "records", "select")), "run": (str,),
     "prev_hash": (str,), "hash": (str,),
 }
 MAX_HISTORY = 100_000

@@ -1,0 +1,84 @@
+"""A device's side of the hive (`fedllm.hive`): score every specialist on its own training
+records, choose one (privately under DP, charged), and keep the choice in its state store
+(`hive.json`), so later evaluations and personalisation reuse it without a new release.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedllm import atomic
+from fedllm.config import Config
+from fedllm.errors import FedllmError
+from fedllm.evaluate import record_losses
+from fedllm.hive import choose, unpack
+from fedllm.model import load_adapter_state
+from fedllm.state import StateStore, _read_json, state_root
+from fedllm.untrusted import number_in
+
+HIVE_FILE = "hive.json"
+
+
+def specialists(config: Config, global_state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The k specialists the server sent (k = 1: the global adapter), checked."""
+    return unpack(global_state, config.hive.k)
+
+
+def scores(worker, states: list[dict[str, torch.Tensor]], examples: list[list[int]], batch_size: int) -> np.ndarray:
+    """Per-record mean token loss under each specialist: records x k. The model's adapter
+    is left as it was found."""
+    from fedllm.model import adapter_state
+
+    before = adapter_state(worker.model)
+    try:
+        columns = []
+        for state in states:
+            load_adapter_state(worker.model, state)
+            columns.append(record_losses(worker.model, examples, batch_size, worker.tokenizer.pad_token_id))
+    finally:
+        load_adapter_state(worker.model, before)
+    return np.asarray(columns, np.float64).T
+
+
+def pick(config: Config, worker, client_id: str, states, examples, private: bool, server_round: int) -> int:
+    """The specialist this device trains (or is evaluated with). Under DP a noisy choice
+    from the OS's randomness (its charge is the caller's, made before); otherwise the
+    lowest mean loss, ties broken by a seed of (run seed, round, client)."""
+    if len(states) == 1:
+        return 0
+    losses = scores(worker, states, examples, config.evaluate.batch_size)
+    rng = np.random.default_rng() if private else np.random.default_rng(
+        zlib.crc32(f"{config.seed}/{server_round}/{client_id}/hive".encode()))
+    return choose(losses, config.hive.select_noise if private else None, rng)
+
+
+def hive_path(config: Config, client_id: str):
+    return StateStore(state_root(config), client_id).dir / HIVE_FILE
+
+
+def keep_choice(config: Config, client_id: str, chosen: int, server_round: int, run: str, private: bool) -> None:
+    atomic.write_json(hive_path(config, client_id), {"k": config.hive.k, "specialist": chosen, "round": server_round,
+                                                     "run": run, "private": private})
+
+
+def kept_choice(config: Config, client_id: str) -> int | None:
+    """The specialist this device chose last for a hive of this size, or None."""
+    try:
+        kept = _read_json(hive_path(config, client_id), {
+            "k": lambda v: number_in(v, 1, 64, integer=True), "specialist": lambda v: number_in(v, 0, 63, integer=True)})
+    except FedllmError:
+        return None  # a damaged record: choose again (charged)
+    if not kept or kept.get("k") != config.hive.k or not isinstance(kept.get("specialist"), int):
+        return None
+    return kept["specialist"] if kept["specialist"] < config.hive.k else None
+
+
+def info(config: Config, client_id: str) -> dict[str, Any] | None:
+    try:
+        return _read_json(hive_path(config, client_id), {})
+    except FedllmError:
+        return None

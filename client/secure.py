@@ -61,8 +61,8 @@ def _to_fitres(reply: RecordDict, global_arrays: ArrayRecord, keys: list[str], w
         else None
     chosen = int(trained[wire.SPECIALIST]) if trained and wire.SPECIALIST in trained else None
     # a hive: one slot per specialist, the delta in the chosen one (fedllm.hive.slotted)
-    tensors = slotted({k: a.numpy() for k, a in delta.items()} if delta is not None else {},
-                      chosen if delta is not None else None, keys, {k: global_arrays[k].numpy() for k in keys})
+    tensors = slotted({k: a.numpy() for k, a in delta.items()} if delta is not None else None, chosen, keys,
+                      {k: global_arrays[k].numpy() for k in keys})
     tensors.append(secure_metrics.encode(trained, clip, k))  # masked with the delta: the server sees only sums
     plain: dict = {}
     for name in (wire.CLIENT, wire.PRIVACY):

@@ -27,6 +27,7 @@ from fedllm import messages as wire
 from fedllm.config import Config, planned_selections, planned_steps
 from fedllm.data import ClientData, load_clients
 from fedllm.data.corpus import device_client
+from fedllm.hive import identical
 from fedllm.hive_device import keep_choice, kept_choice, pick, specialists
 from fedllm.model import adapter_state, load_adapter_state
 from fedllm.personal import trainable_snapshot
@@ -156,7 +157,7 @@ def train_round(config: Config, source: Source, global_state: dict[str, torch.Te
         ledger = open_ledger(config, data, ledger, request.server_round, request.run_id)
     if ledger is not None:
         charges = [ledger.next_charge(request.server_round, config.local_steps, run=request.run_id)]
-        if len(states) > 1:  # the hive's choice is a release of the records too: charged with the steps
+        if len(states) > 1 and not identical(states):  # the hive's choice reads the records: charged with the steps
             charges.insert(0, ledger.selection_charge(request.server_round, config.hive.select_noise, request.run_id))
         declined = charge_or_decline(ledger, charges, config.privacy.target_epsilon)
         if declined:
@@ -167,7 +168,8 @@ def train_round(config: Config, source: Source, global_state: dict[str, torch.Te
     chosen = None
     if len(states) > 1:  # the hive: train the specialist that fits these records best (fedllm.hive)
         chosen = pick(config, worker, data.client_id, states, train_examples, ledger is not None, request.server_round)
-        keep_choice(config, data.client_id, chosen, request.server_round, request.run_id, ledger is not None)
+        keep_choice(config, data.client_id, chosen, request.server_round, request.run_id, ledger is not None,
+                    scored=not identical(states))
         global_state = states[chosen]
     load_adapter_state(worker.model, global_state)
     keep_global(config, worker, data, packed, request)
@@ -193,12 +195,18 @@ def train_round(config: Config, source: Source, global_state: dict[str, torch.Te
 def evaluation_choice(config: Config, source: Source, states: list, request: Request,
                       policy: DevicePolicy | None = None) -> tuple[int, dict | None]:
     """(the specialist this device is evaluated and personalised with, its epsilon report
-    when a choice was charged). Without DP it scores them afresh; under DP it reuses the
-    choice it keeps (already paid for), and only a device that never chose pays for one; a
-    device that cannot pay takes specialist 0, chosen without looking at its data."""
+    when a choice was charged). Without DP it scores them afresh. Under DP it reuses the
+    choice it keeps (already paid for) and pays for a new one only where it has none, and
+    after the last round (the specialists it personalises from), unless it chose in that
+    very round; a device that cannot pay takes specialist 0, chosen without its data.
+    Specialists that are all the same (a new hive) need no choice: 0, charged nothing."""
     data = client_data(config, source)
-    if config.privacy.enabled and (kept := kept_choice(config, data.client_id)) is not None:
-        return kept, None
+    if identical(states):
+        return 0, None
+    kept = kept_choice(config, data.client_id) if config.privacy.enabled else None
+    final = request.server_round >= config.num_server_rounds
+    if kept is not None and (not final or kept[1] == request.server_round):
+        return kept[0], None
     report, ledger = None, None
     if config.privacy.enabled:
         why, report, ledger = check_policy(config, data, policy or DevicePolicy.from_config(config))

@@ -319,8 +319,9 @@ def planned_rounds(config: Config) -> int:
 
 def planned_selections(config: Config) -> int:
     """Private specialist choices a client's noise is calibrated for (hive.k > 1): one per
-    planned training round, and one when it is first evaluated without having trained."""
-    return planned_rounds(config) + 1 if config.hive.k > 1 else 0
+    planned training round, one when it is first evaluated without a choice of its own,
+    and one after the last round (the specialist it personalises from)."""
+    return planned_rounds(config) + 2 if config.hive.k > 1 else 0
 
 
 def planned_steps(config: Config) -> int:

@@ -66,15 +66,16 @@ def unpack(packed: Mapping[str, Any], k: int) -> list[dict[str, Any]]:
     return slots
 
 
-def slotted(delta: Mapping[str, np.ndarray], chosen: int | None, keys: Sequence[str],
+def slotted(delta: Mapping[str, np.ndarray] | None, chosen: int | None, keys: Sequence[str],
             like: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """A secure upload in `keys` order: the delta in the chosen slot, zeros in every other
-    (and everywhere for a device that did not train); an unpacked key is the delta itself."""
+    (and everywhere for a device that did not train, `delta` None); an unpacked key (k = 1)
+    is the delta itself."""
     out = []
     for key in keys:
         match = SLOT.fullmatch(key)
         name = match.group(2) if match else key
-        mine = chosen is not None and (match is None or int(match.group(1)) == chosen)
+        mine = delta is not None and (match is None or (chosen is not None and int(match.group(1)) == chosen))
         out.append(np.asarray(delta[name], np.float64) if mine else np.zeros_like(np.asarray(like[key]), np.float64))
     return out
 
@@ -103,6 +104,19 @@ def choose(losses: np.ndarray, noise: float | None, rng: np.random.Generator) ->
 def combine(updates: Sequence[dict[str, np.ndarray] | None], shapes: Mapping[str, tuple[int, ...]]) -> dict:
     """One packed update (zeros for a specialist nobody updated)."""
     return pack([u if u is not None else {k: np.zeros(s, np.float64) for k, s in shapes.items()} for u in updates])
+
+
+def identical(states: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether every specialist is the same adapter (a new hive): a choice among them then
+    depends on no data, so it is made at random and charged nothing."""
+    first = states[0]
+    return all(set(s) == set(first) and all(_equal(s[k], first[k]) for k in first) for s in states[1:])
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if hasattr(a, "equal") and hasattr(b, "equal"):  # torch tensors
+        return bool(a.equal(b))
+    return bool(np.array_equal(np.asarray(a), np.asarray(b)))
 
 
 def keep_unchosen(candidate: dict, current: Mapping[str, np.ndarray], state: dict, saved: dict,

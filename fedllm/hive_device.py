@@ -15,7 +15,7 @@ from fedllm import atomic
 from fedllm.config import Config
 from fedllm.errors import FedllmError
 from fedllm.evaluate import record_losses
-from fedllm.hive import choose, unpack
+from fedllm.hive import choose, identical, unpack
 from fedllm.model import load_adapter_state
 from fedllm.state import StateStore, _read_json, state_root
 from fedllm.untrusted import number_in
@@ -50,9 +50,11 @@ def pick(config: Config, worker, client_id: str, states, examples, private: bool
     lowest mean loss, ties broken by a seed of (run seed, round, client)."""
     if len(states) == 1:
         return 0
-    losses = scores(worker, states, examples, config.evaluate.batch_size)
     rng = np.random.default_rng() if private else np.random.default_rng(
         zlib.crc32(f"{config.seed}/{server_round}/{client_id}/hive".encode()))
+    if identical(states):  # a new hive: nothing to tell apart, nothing read, nothing charged
+        return int(rng.integers(len(states)))
+    losses = scores(worker, states, examples, config.evaluate.batch_size)
     return choose(losses, config.hive.select_noise if private else None, rng)
 
 
@@ -60,21 +62,26 @@ def hive_path(config: Config, client_id: str):
     return StateStore(state_root(config), client_id).dir / HIVE_FILE
 
 
-def keep_choice(config: Config, client_id: str, chosen: int, server_round: int, run: str, private: bool) -> None:
+def keep_choice(config: Config, client_id: str, chosen: int, server_round: int, run: str, private: bool,
+                scored: bool = True) -> None:
+    """hive.json: the last choice; `scored` False for a new hive's random one (not worth keeping)."""
     atomic.write_json(hive_path(config, client_id), {"k": config.hive.k, "specialist": chosen, "round": server_round,
-                                                     "run": run, "private": private})
+                                                     "run": run, "private": private, "scored": scored})
 
 
-def kept_choice(config: Config, client_id: str) -> int | None:
-    """The specialist this device chose last for a hive of this size, or None."""
+def kept_choice(config: Config, client_id: str) -> tuple[int, int] | None:
+    """(the specialist this device last chose on its records for a hive of this size, the
+    round), or None."""
     try:
         kept = _read_json(hive_path(config, client_id), {
-            "k": lambda v: number_in(v, 1, 64, integer=True), "specialist": lambda v: number_in(v, 0, 63, integer=True)})
+            "k": lambda v: number_in(v, 1, 64, integer=True), "specialist": lambda v: number_in(v, 0, 63, integer=True),
+            "round": lambda v: number_in(v, 0, 10**9, integer=True)})
     except FedllmError:
         return None  # a damaged record: choose again (charged)
-    if not kept or kept.get("k") != config.hive.k or not isinstance(kept.get("specialist"), int):
+    if not kept or kept.get("k") != config.hive.k or kept.get("scored") is not True or \
+            not all(isinstance(kept.get(f), int) for f in ("specialist", "round")):
         return None
-    return kept["specialist"] if kept["specialist"] < config.hive.k else None
+    return (kept["specialist"], kept["round"]) if kept["specialist"] < config.hive.k else None
 
 
 def info(config: Config, client_id: str) -> dict[str, Any] | None:

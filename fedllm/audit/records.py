@@ -143,14 +143,14 @@ def _check_rounds(check: Checker, history: list[Mapping[str, Any]], server: Serv
                 if e.get("kind") in ("personal", "local-only") and i not in after_train}
     local_steps, personal_steps = config.get("local-steps"), config.get("personal.steps")
     problems: list[tuple[str, str]] = []
-    # hive: a choice is charged right before the train charge of its round, or once per run for
-    # a device evaluated before it ever trained (later evaluations reuse the kept choice)
+    # hive: a choice is charged right before the train charge of its round, or at most twice per
+    # run in evaluations: once for a device with no choice of its own, once after the last round
     with_train = {j for (j, e), (_, f) in zip(mine, mine[1:]) if e.get("kind") == "select"
                   and f.get("kind", "train") == "train" and e["round"] == f["round"]}
     alone = [j for j, e in mine if e.get("kind") == "select" and j not in with_train]
-    if len(alone) > 1:
-        problems.append((f"history[{alone[1]}]", f"{len(alone)} specialist choices outside training rounds in one run; "
-                                                 "a device makes one and keeps it"))
+    if len(alone) > 2:
+        problems.append((f"history[{alone[2]}]", f"{len(alone)} specialist choices outside training rounds in one run; "
+                                                 "a device makes at most two (its first, and after the last round)"))
     for r, reported in sorted(server.accepted.items()):
         if r not in train:
             problems.append(("history", f"the server accepted this client's update in round {r}, but no train "

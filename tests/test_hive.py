@@ -1,0 +1,279 @@
+"""The hive of specialists (fedllm.hive) and the embedded code corpus (fedllm.data.code):
+the corpus is pinned, the choice and its charge are what the accountants and the audit
+say, the server aggregates each specialist from its own choosers and restores them all."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import numpy as np
+import pytest
+
+from fedllm import hive
+from fedllm import secure_metrics
+from fedllm.config import Config, planned_selections
+from fedllm.data.code import records_of, decode_source
+from fedllm.errors import ConfigError, DataError, FedllmError
+
+
+# -- the code corpus ---------------------------------------------------------------------
+def test_code_corpus_is_pinned_and_the_base_is_unchanged():
+    from fedllm.data.corpus import clients_from_code
+    from fedllm.model import base_recipe
+
+    clients = clients_from_code(20, 0.2)
+    assert len(clients) == 88 and sum(c.num_records + len(c.heldout) for c in clients) == 3281
+    ids = json.dumps([c.client_id for c in clients]).encode()
+    assert hashlib.sha256(ids).hexdigest()[:16] == "f3314a30249fc83c"
+    content = json.dumps([[c.client_id, c.train, c.heldout] for c in clients]).encode()
+    assert hashlib.sha256(content).hexdigest()[:16] == "875a1ab214f9456b"
+    assert all(c.kind == "code" and c.client_id.startswith("sympy.") for c in clients)
+    # the built-in base is trained on the public plays only, whatever the clients are
+    recipes = {base_recipe(Config.from_flat({"data.corpus": corpus})).key() for corpus in ("plays", "code", "mixed")}
+    assert recipes == {"026163e5791a"}
+
+
+def test_mixed_corpus_draws_equal_shares_of_each_kind():
+    from fedllm.data import load_clients
+
+    clients = load_clients(Config.from_flat({"data.corpus": "mixed", "num-clients": 11}))
+    kinds = [c.kind for c in clients]
+    assert kinds.count("code") == 6 and kinds.count("verse") == 5  # the remainder to the first kind by name
+    assert load_clients(Config.from_flat({"data.corpus": "mixed", "num-clients": 11})) == clients
+
+
+def test_records_are_whole_top_level_definitions():
+    source = '''"""Module doc."""
+import os
+
+X = 1
+
+
+@decorator(arg=1)
+@other
+def first(a, b):
+    """Adds."""
+    return a + b
+
+
+class Outer:
+    """Has a nested class."""
+
+    class Inner:
+        def method(self):
+            return 1
+
+    def m(self):
+        pass
+
+
+async def later():
+    """Async."""
+    await thing()
+'''
+    records = records_of(source, "mod.py")
+    assert len(records) == 3
+    assert records[0].startswith("@decorator(arg=1)\n@other\ndef first") and '"""Adds."""' in records[0]
+    assert "class Inner" in records[1] and "def m(self)" in records[1]
+    assert records[2].startswith("async def later")
+
+
+def test_bad_source_is_refused_with_file_and_line():
+    with pytest.raises(DataError, match=r"pkg/mod.py:3: not UTF-8"):
+        decode_source(b"x = 1\ny = 2\nz = '\xff'\n", "pkg/mod.py")
+    with pytest.raises(DataError, match=r"pkg/mod.py:2: not valid Python"):
+        records_of("def ok():\n    return (\n", "pkg/mod.py")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"data.corpus": "prose"}, "data.corpus"),
+    ({"data.corpus": "code", "data.path": "/tmp/x"}, "data.path"),
+    ({"data.corpus": "code", "data.partitioner": "iid"}, "natural clients"),
+    ({"hive.k": 2, "user-dp.enabled": True}, "user-dp"),
+    ({"hive.k": 0}, "hive.k"),
+])
+def test_bad_hive_or_corpus_config_names_the_fix(values, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.from_flat(values)
+
+
+# -- packing, choosing, aggregating --------------------------------------------------------
+def test_pack_and_unpack_check_every_slot():
+    a = {"x": np.zeros(2), "y": np.ones(3)}
+    b = {"x": np.ones(2), "y": np.zeros(3)}
+    assert hive.pack([a]) == a and hive.unpack(a, 1) == [a]
+    packed = hive.pack([a, b])
+    assert sorted(packed) == ["hive-0/x", "hive-0/y", "hive-1/x", "hive-1/y"]
+    back = hive.unpack(packed, 2)
+    assert back[1]["x"] is b["x"]
+    for bad in ({**packed, "hive-2/x": np.zeros(2)}, {**packed, "x": np.zeros(2)}, {"hive-0/x": 1, "hive-1/y": 1},
+                {"hive-00/x": 1, "hive-1/x": 1}):
+        with pytest.raises(FedllmError, match="hive.k=2"):
+            hive.unpack(bad, 2)
+
+
+def test_slotted_upload_has_the_delta_in_the_chosen_slot_only():
+    like = {"hive-0/x": np.zeros(2), "hive-1/x": np.zeros(2)}
+    out = hive.slotted({"x": np.array([1.0, 2.0])}, 1, ["hive-0/x", "hive-1/x"], like)
+    assert out[0].tolist() == [0, 0] and out[1].tolist() == [1, 2]
+    declined = hive.slotted(None, None, ["hive-0/x", "hive-1/x"], like)
+    assert all(not t.any() for t in declined)
+    single = hive.slotted({"x": np.array([1.0, 2.0])}, None, ["x"], {"x": np.zeros(2)})  # k = 1
+    assert single[0].tolist() == [1, 2]
+    assert hive.identical([{"x": np.ones(2)}, {"x": np.ones(2)}]) and not hive.identical([{"x": np.ones(2)},
+                                                                                          {"x": np.zeros(2)}])
+
+
+def test_choice_without_noise_is_ifca_and_ties_are_random():
+    rng = np.random.default_rng(0)
+    losses = np.array([[3.0, 1.0], [3.0, 2.0], [1.0, 2.5]])  # votes 1 : 2, mean loss 2.33 : 1.83
+    assert hive.votes(losses).tolist() == [1, 2]
+    assert hive.choose(losses, None, rng) == 1
+    tied = np.ones((4, 3))
+    assert {hive.choose(tied, None, rng) for _ in range(60)} == {0, 1, 2}
+    with pytest.raises(ValueError):
+        hive.choose(np.array([[np.nan, 1.0]]), None, rng)
+
+
+def test_noisy_choice_follows_the_votes_and_is_random_near_a_tie():
+    rng = np.random.default_rng(1)
+    clear = np.array([[0.0, 1.0]] * 60 + [[1.0, 0.0]] * 10)  # 60 : 10 votes
+    assert all(hive.choose(clear, 5.0, rng) == 0 for _ in range(50))
+    close = np.array([[0.0, 1.0]] * 11 + [[1.0, 0.0]] * 10)  # 11 : 10 votes
+    picks = [hive.choose(close, 5.0, rng) for _ in range(400)]
+    # report-noisy-max with std 5 on a margin of 1: P(0) = Phi(1 / (5 sqrt 2)) = 0.556
+    assert 0.48 < picks.count(0) / 400 < 0.64
+
+
+def test_secure_metrics_carry_a_one_hot_count_of_the_choices():
+    c = 8.0
+    vectors = [secure_metrics.encode({"train-loss": 2.0, "steps": 4, "num-examples": 30, "specialist": j}, c, 3)
+               for j in (0, 2, 2)]
+    vectors.append(secure_metrics.encode(None, c, 3))  # a decline
+    sums = secure_metrics.decode(sum(vectors), c, 3)
+    assert [sums[secure_metrics.chose(j)] for j in range(3)] == pytest.approx([1, 0, 2])
+    assert sums["trained"] == 3 and sums["steps"] == 12
+    assert len(secure_metrics.encode(None, c)) == len(secure_metrics.FIELDS)  # k = 1: the vector of today
+
+
+def test_purity_counts_each_specialists_members():
+    table = hive.purity({"a": 0, "b": 0, "c": 1, "d": 1}, {"a": "code", "b": "code", "c": "verse", "d": "code"}, 3)
+    assert table[0] == {"specialist": 0, "devices": 2, "kinds": {"code": 2}, "majority": "code", "purity": 1.0}
+    assert table[1]["purity"] == 0.5 and table[2]["devices"] == 0 and table[2]["purity"] is None
+
+
+# -- the private choice's charge -------------------------------------------------------------
+def _gaussian_epsilon(sigma: float, delta: float) -> float:
+    """The exact epsilon of one Gaussian release of sensitivity 1 (Balle & Wang 2018)."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    def excess(eps: float) -> float:
+        return norm.cdf(0.5 / sigma - eps * sigma) - math.exp(eps) * norm.cdf(-0.5 / sigma - eps * sigma) - delta
+
+    return brentq(excess, 1e-6, 50)
+
+
+def test_a_choice_costs_one_gaussian_release_and_the_audit_recomputes_it(tmp_path):
+    from fedllm.audit.records import audit_path
+    from fedllm.privacy.ledger import Ledger
+
+    config = Config.from_flat({"hive.k": 2, "num-server-rounds": 4, "num-clients": 4, "clients-per-round": 2})
+    assert planned_selections(config) == 6  # 4 planned rounds (2 of 4 clients sampled) + a first and a last
+    assert planned_selections(Config()) == 0
+    args = dict(client_id="c1", num_records=40, delta=1e-5, target_epsilon=8.0, sample_rate=0.2, max_grad_norm=1.0,
+                planned_steps=15, accountant="prv")
+    path = tmp_path / "c1" / "ledger.json"
+    ledger = Ledger.open(path, **args, planned_selections=4, select_noise=5.0)
+    plain = Ledger.open(tmp_path / "c2" / "ledger.json", **{**args, "client_id": "c2"})
+    assert ledger.noise_multiplier > plain.noise_multiplier  # the choices are paid for from the same budget
+    ledger.charge([ledger.selection_charge(1, 5.0, "r")])
+    assert ledger.epsilon() == pytest.approx(_gaussian_epsilon(5.0, 1e-5), rel=2e-3)
+    for r in (1, 2, 3):
+        ledger.charge([ledger.selection_charge(r, 5.0, "r"), ledger.next_charge(r, 5, run="r")])
+    assert ledger.epsilon() <= 8.0
+    audit = audit_path(path)
+    assert not audit.failures, audit.failures
+    # a choice recorded at a sampled rate would under-state it: the audit says so
+    data = json.loads(path.read_text())
+    data["history"][0]["sample_rate"] = 0.2
+    from fedllm.privacy import chain
+
+    genesis, data["history"] = chain.link({k: v for k, v in data.items() if k not in ("genesis", "history", "head")},
+                                          [{k: e[k] for k in chain.ENTRY_FIELDS} for e in data["history"]])
+    data["genesis"], data["head"] = genesis, data["history"][-1]["hash"]
+    path.write_text(json.dumps(data))
+    assert [f.check for f in audit_path(path).failures] == ["sampling"]
+
+
+# -- the server's side ----------------------------------------------------------------------
+@pytest.fixture()
+def hive_server(tiny_llama, tmp_path):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from server.round_loop import Server
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    config = Config.from_flat({"model.name": str(tiny_llama), "num-clients": 4, "clients-per-round": 2, "hive.k": 3,
+                               "strategy.name": "fedadam", "lora.r": 2, "privacy.enabled": False})
+    return Server(None, config, tmp_path / "run")
+
+
+def test_each_specialist_is_aggregated_from_its_choosers_alone(hive_server):
+    from fedllm.aggregate import Contribution, RunningSum
+    from server.collect import Collected
+
+    server = hive_server
+    shapes = server.spec.shapes
+    ones = {k: np.ones(s) for k, s in shapes.items()}
+    running = [RunningSum(shapes) for _ in range(3)]
+    running[0].add(Contribution("a", {k: 2 * v for k, v in ones.items()}, 10, 0))
+    running[0].add(Contribution("b", {k: 4 * v for k, v in ones.items()}, 30, 0))
+    running[2].add(Contribution("c", {k: -v for k, v in ones.items()}, 5, 2))
+    updates = server.update(Collected({}, running_by=running, contributors=3, counts=[2.0, 0.0, 1.0]))
+    assert updates[1] is None
+    assert all(np.allclose(v, 3.5) for v in updates[0].values())  # weighted by records: (20 + 120) / 40
+    assert all(np.allclose(v, -1.0) for v in updates[2].values())
+    before = {k: v.numpy().copy() for k, v in server.arrays.items()}
+    server.apply(1, updates)
+    after = {k: v.numpy() for k, v in server.arrays.items()}
+    for key in after:
+        moved = not np.array_equal(after[key], before[key])
+        assert moved == (not key.startswith("hive-1/")), key
+    # the server optimizer's state of a specialist nobody chose stays as it was (zeros: never moved)
+    assert all(not v.any() for k, v in server.optimizer.state["m_t"].items() if k.startswith("hive-1/"))
+    # secure: the per-specialist sums divided by the masked counts
+    total = hive.pack([{k: 6 * v for k, v in ones.items()}, {k: 0 * v for k, v in ones.items()},
+                       {k: -v for k, v in ones.items()}])
+    server.config = server.config.with_values({"secagg.enabled": True, "clients-per-round": 3})
+    secure = server.update(Collected({}, secure_sum=total, contributors=4, counts=[3.0, 0.0, 1.0]))
+    assert np.allclose(next(iter(secure[0].values())), 2.0) and secure[1] is None
+
+
+def test_checkpoints_hold_every_specialist_and_resume_restores_them(hive_server):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from server.checkpoint import resume, save_checkpoint, save_server_state
+    from server.round_loop import Server
+
+    server = hive_server
+    shapes = server.spec.shapes
+    server.apply(1, [{k: np.full(s, 0.01 * (j + 1)) for k, s in shapes.items()} for j in range(3)])
+    server.run.write_config(server.config)
+    server.run.append_metrics({"round": 0, "run_id": server.run_id, "evaluate": {"clients": {}, "mean": {}}})
+    server.run.append_metrics({"round": 1, "train": {}})
+    path = save_checkpoint(server, 1)
+    save_server_state(server, 1)
+    assert sorted(p.name for p in path.glob("specialist-*")) == ["specialist-0", "specialist-1", "specialist-2"]
+    base = AutoModelForCausalLM.from_pretrained(server.base)
+    peft = PeftModel.from_pretrained(base, path / "specialist-2")
+    assert peft is not None
+    again = Server(None, server.config, server.run.path)
+    assert resume(again) == 1
+    for key, value in server.arrays.items():
+        assert np.array_equal(again.arrays[key].numpy(), value.numpy()), key
+    for name, arrays in server.optimizer.state.items():
+        assert all(np.array_equal(again.optimizer.state[name][k], v) for k, v in arrays.items())

@@ -14,7 +14,7 @@
                   [--personalise-on-new-data] [--train-window HH:MM-HH:MM] [--require-ac-power]
                   [--max-threads N] [--max-participations-per-day N] [--max-restarts N] [--backoff-max S]
     fedllm client status --state-dir DIR [--client-id ID]
-    fedllm generate --state-dir DIR [--client-id ID] [--adapter personal|global|base] [--prompt TEXT | -]
+    fedllm generate --state-dir DIR [--client-id ID] [--adapter personal|global|base|hive] [--prompt TEXT | -]
                     [--max-new-tokens N] [--temperature T] [--seed S]
     fedllm export --state-dir DIR [--client-id ID] --out OUT [--format hf|onnx|gguf] [--adapter ...]
     fedllm keys
@@ -201,7 +201,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from fedllm.state import find_store
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    device_model = load_device_model(find_store(args.state_dir, args.client_id), args.adapter)
+    device_model = load_device_model(find_store(args.state_dir, args.client_id), args.adapter, prompt=prompt)
+    if device_model.specialist is not None:
+        print(f"specialist {device_model.specialist} of {device_model.config.hive.k}"
+              + (" (routed on the prompt)" if args.adapter == "hive" else " (the device's choice)"), file=sys.stderr)
     text, _ = generate(device_model.model, device_model.tokenizer, prompt, args.max_new_tokens, args.temperature,
                        args.seed)
     print(prompt + text)
@@ -226,9 +229,10 @@ def _add_store_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_adapter_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", default="personal", choices=("personal", "global", "base"),
+    parser.add_argument("--adapter", default="personal", choices=("personal", "global", "base", "hive"),
                         help="personal: base + global + personal adapter (default); global: base + the latest "
-                             "global adapter; base: the base alone")
+                             "global adapter (a hive's: the specialist this device chose); base: the base alone; "
+                             "hive: the specialist with the lowest loss on the prompt")
 
 
 def cmd_keys(args: argparse.Namespace) -> int:

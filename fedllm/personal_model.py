@@ -21,7 +21,7 @@ from fedllm.config import Config
 from fedllm.errors import FedllmError
 from fedllm.state import MODEL_KEYS, StateStore
 
-CHOICES = ("personal", "global", "base")
+CHOICES = ("personal", "global", "base", "hive")
 
 
 @dataclass
@@ -32,6 +32,7 @@ class DeviceModel:
     config: Config  # the stored settings (model.json), checked
     info: dict[str, Any]  # model.json
     personal: dict[str, Any] | None  # personal.json
+    specialist: int | None = None  # a hive's specialist in the model (hive.k > 1)
 
 
 def stored_config(store: StateStore) -> tuple[Config, dict[str, Any]]:
@@ -48,8 +49,13 @@ def stored_config(store: StateStore) -> tuple[Config, dict[str, Any]]:
     return Config.from_flat(values), info
 
 
-def load_device_model(store: StateStore, which: str = "personal", device: str = "cpu") -> DeviceModel:
-    """The model `which` (personal | global | base), merged, in float32 on `device`."""
+def load_device_model(store: StateStore, which: str = "personal", device: str = "cpu",
+                      prompt: str = "") -> DeviceModel:
+    """The model `which` (personal | global | base | hive), merged, in float32 on `device`.
+
+    With a hive of specialists (hive.k > 1) `global` and `personal` use the specialist the
+    device chose last on its records (hive.json), and `hive` routes: the specialist with the
+    lowest loss on `prompt`, the same local score (fedllm.hive_device), alone on the base."""
     from fedllm.model import attach_lora, load_adapter_state, load_base
     from fedllm.personal import load_state
 
@@ -64,6 +70,12 @@ def load_device_model(store: StateStore, which: str = "personal", device: str = 
     global_state = load_state(store.global_path)
     if global_state is None:
         raise FedllmError(f"{store.global_path} is missing: the device has not kept a global adapter")
+    specialist = None
+    if config.hive.k > 1:
+        global_state, specialist = _specialist(store, config, peft_model, tokenizer, global_state, which, prompt)
+    elif which == "hive":
+        raise FedllmError(f"--adapter hive: {store.dir} was trained with one global adapter (hive.k=1); use "
+                          "--adapter global or personal")
     load_adapter_state(peft_model, global_state)
     if which == "personal":
         method = (personal or {}).get("method", config.personal.method)
@@ -77,7 +89,39 @@ def load_device_model(store: StateStore, which: str = "personal", device: str = 
             load_adapter_state(peft_model, state)
     merged = peft_model.merge_and_unload()  # merges the active adapters: default, and personal when stacked
     merged.eval()
-    return DeviceModel(merged, tokenizer, which, config, info, personal)
+    return DeviceModel(merged, tokenizer, which, config, info, personal, specialist)
+
+
+def _specialist(store: StateStore, config: Config, peft_model, tokenizer, packed: dict, which: str,
+                prompt: str) -> tuple[dict, int]:
+    """(the adapter of the specialist to use, its index): routed on the prompt for `hive`
+    (when it has a token to score), else the device's kept choice (0 before it has one)."""
+    import json
+
+    from fedllm.evaluate import record_losses
+    from fedllm.hive import unpack
+    from fedllm.hive_device import HIVE_FILE
+    from fedllm.model import load_adapter_state
+
+    try:
+        states = unpack(packed, config.hive.k)
+    except FedllmError as exc:
+        raise FedllmError(f"{store.global_path}: {exc}; move it aside (the next round writes it again)") from None
+    ids = prompt_ids(tokenizer, prompt)
+    if which == "hive" and len(ids) >= 2:
+        losses = []
+        for state in states:
+            load_adapter_state(peft_model, state)
+            losses.append(record_losses(peft_model, [ids], 1, tokenizer.pad_token_id)[0])
+        chosen = min(range(len(states)), key=lambda j: losses[j])
+        return states[chosen], chosen
+    try:
+        kept = json.loads((store.dir / HIVE_FILE).read_text())
+        chosen = kept["specialist"] if isinstance(kept.get("specialist"), int) else 0
+    except (OSError, ValueError, AttributeError, KeyError):
+        chosen = 0
+    chosen = chosen if 0 <= chosen < len(states) else 0
+    return states[chosen], chosen
 
 
 def _stack(peft_model, config: Config, state: dict) -> None:

@@ -187,4 +187,23 @@ def format_summary(summary: dict[str, Any]) -> str:
         "secure aggregation      " + ("on (Flower SecAgg+): the server saw only sums" if secure else "off"),
         f"rounds                  {summary['rounds']}, {summary['wall_seconds']:.0f}s",
     ]
+    if summary.get("hive"):
+        lines += hive_lines(summary["hive"])
     return "\n".join(lines)
+
+
+def hive_lines(h: dict) -> list[str]:
+    """The hive's part of summary.txt: who chose which specialist, and how pure each is."""
+    lines = ["", f"hive                    {h['k']} specialists ({h['method']}); devices choose "
+                 + ("privately (report-noisy-max, noise " + f"{h['select_noise']:g})" if h.get("select_noise")
+                    else "by lowest loss on their training records")]
+    for s in h.get("specialists") or []:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in s["kinds"].items()) or "kinds unknown"
+        purity = f", purity {100 * s['purity']:.0f}% {s['majority']}" if s.get("purity") is not None else ""
+        lines.append(f"  specialist {s['specialist']:<10}  chosen by {s['devices']} evaluated devices ({kinds}){purity}")
+    if not h.get("specialists"):
+        lines.append(f"  choices                {h.get('evaluated_choices')}")
+    lines.append(f"  training choices       {h['train_counts_total']} over all rounds"
+                 + (f"; each upload carries {h['upload_adapters_per_device']} adapter slots (secure)"
+                    if h.get("upload_adapters_per_device", 1) > 1 else ""))
+    return lines

@@ -55,7 +55,9 @@ def inner(msg: Message, context: Context, call_next) -> Message:
     reply = call_next(msg, context)
     config = msg.content["config"]
     delta = {k: v.numpy() for k, v in reply.content["arrays"].items()}
-    np.savez(_where(context, str(config["run-dir"]), int(config["server-round"]), "clipped"), **delta)
+    where = _where(context, str(config["run-dir"]), int(config["server-round"]), "clipped")
+    np.savez(where, **delta)
+    where.with_suffix(".json").write_text(json.dumps(dict(reply.content["metrics"])))  # a hive's choice among them
     return reply
 
 

@@ -277,3 +277,129 @@ def test_checkpoints_hold_every_specialist_and_resume_restores_them(hive_server)
         assert np.array_equal(again.arrays[key].numpy(), value.numpy()), key
     for name, arrays in server.optimizer.state.items():
         assert all(np.array_equal(again.optimizer.state[name][k], v) for k, v in arrays.items())
+
+
+# -- end to end -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def private_hive(tmp_path_factory, cache_dir):
+    """One tiny private hive run on the mixed corpus: 2 specialists, 3 rounds, finetune."""
+    from conftest import TINY
+    from fedllm.cli import main
+
+    run_dir = tmp_path_factory.mktemp("hive") / "run"
+    sets = ["hive.k=2", "data.corpus=mixed", "num-server-rounds=3", "personal.method=finetune", "personal.steps=2"]
+    assert main(["simulate", "--config", str(TINY), "--run-dir", str(run_dir),
+                 *[arg for value in sets for arg in ("--set", value)]]) == 0
+    return run_dir
+
+
+def test_private_hive_charges_every_choice_and_the_audit_recomputes_them(private_hive, capsys):
+    from fedllm.audit.records import audit_path
+
+    run_dir = private_hive
+    summary = json.loads((run_dir / "summary.json").read_text())
+    h = summary["hive"]
+    assert h["k"] == 2 and h["select_noise"] == 5.0 and sum(s["devices"] for s in h["specialists"]) == 3
+    assert all(s["purity"] is None or 0.5 <= s["purity"] <= 1 for s in h["specialists"])
+    assert "hive                    2 specialists" in (run_dir / "summary.txt").read_text()
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in rounds[1:]:
+        assert set(r["train"]["hive"]["chosen"]) <= {0, 1} and sum(r["train"]["hive"]["counts"]) == 3
+        assert all(m["specialist"] in (0, 1) for m in r["evaluate"]["clients"].values())
+    for r in range(4):
+        assert sorted(p.name for p in (run_dir / "checkpoints" / f"round-{r}").glob("specialist-*")) == \
+            ["specialist-0", "specialist-1"]
+    selections = 0
+    for path in (run_dir / "privacy" / "clients").glob("*.json"):
+        history = json.loads(path.read_text())["history"]
+        for i, e in enumerate(history):
+            if e["kind"] == "select":
+                selections += 1
+                assert e["sample_rate"] == 1.0 and e["steps"] == 1 and e["noise_multiplier"] == 5.0
+        # the first specialists are all the same: that choice (round 0's evaluation, round 1's
+        # training) reads nothing and is charged nothing
+        assert not any(e["kind"] == "select" and e["round"] == 0 for e in history)
+        assert not any(e["kind"] == "train" and e["round"] == 1 and i and history[i - 1]["kind"] == "select"
+                       for i, e in enumerate(history))
+    assert selections > 0
+    audit = audit_path(run_dir)
+    assert not audit.failures, [(f.client, f.check, f.message) for f in audit.failures]
+
+
+def test_a_device_personalises_and_generates_from_its_specialist(private_hive, capsys):
+    from fedllm.cli import main
+    from fedllm.device_status import status_lines
+    from fedllm.state import StateStore
+
+    run_dir = private_hive
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    client, metrics = next(iter(rounds[-1]["evaluate"]["clients"].items()))
+    assert "personal-perplexity" in metrics and metrics["personal-declined"] in (0.0, 1.0)
+    store = StateStore(run_dir / "clients", client)
+    kept = json.loads((store.dir / "hive.json").read_text())
+    assert kept["specialist"] == metrics["specialist"] and kept["scored"] and kept["private"]
+    assert any(line.startswith("hive: 2 specialists kept; chose specialist") for line in status_lines(store))
+    capsys.readouterr()
+    for adapter in ("hive", "global", "personal"):
+        assert main(["generate", "--state-dir", str(run_dir / "clients"), "--client-id", client, "--adapter", adapter,
+                     "--prompt", "def f(x):\n    return", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+        out, err = capsys.readouterr()
+        assert out.startswith("def f(x):") and "specialist" in err
+    assert f"specialist {kept['specialist']} of 2 (the device's choice)" in err
+
+
+def test_secure_hive_shows_the_server_no_device_choice(tmp_path, cache_dir):
+    """Message inspection: in a secure hive round each device uploads one masked slot per
+    specialist and a masked one-hot count; in the clear nothing says which it chose, and the
+    server's update of each specialist is the mean of its choosers' deltas."""
+    from conftest import TINY
+    from fedllm import messages as wire
+    from fedllm.personal import load_state
+    from fedllm.simulate import load_experiment, simulate
+
+    run_dir = tmp_path / "run"
+    config = load_experiment(TINY, {"num-clients": 6, "clients-per-round": 6, "privacy.enabled": False,
+                                    "evaluate.num-clients": 2, "secagg.enabled": True, "hive.k": 2,
+                                    "data.corpus": "mixed"})
+    simulate(config, run_dir, client_app="secure_client:app")
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for r in (1, 2):
+        train = rounds[r]["train"]
+        assert "chosen" not in train["hive"] and "error" not in train["secagg"]
+        observed = run_dir / "observed" / f"round-{r}"
+        survivors = sorted(p.stem for p in (observed / "masked").glob("*.npz"))
+        assert len(survivors) == 4  # two of six crash mid-round (secure_client)
+        chosen = {c: int(json.loads((observed / "clipped" / f"{c}.json").read_text())["specialist"])
+                  for c in survivors}
+        assert train["hive"]["counts"] == [list(chosen.values()).count(j) for j in (0, 1)]
+        for c in survivors:  # every upload has the same shape, whatever the choice
+            with np.load(observed / "masked" / f"{c}.npz") as masked:
+                sizes = [masked[name].size for name in masked.files]
+            assert len(sizes) == 1 + 2 * len(config_keys(observed)) + 1, sizes
+            plain = json.loads((observed / "plain" / f"{c}.json").read_text())
+            fields = {f for name, names in plain.items() if name != "arrays" for f in names}
+            assert plain["arrays"] == [] and wire.SPECIALIST not in fields, plain
+            assert set(plain.get("fitres.metrics", [])) <= wire.SECURE_METRICS, plain
+        before = hive.unpack(load_state(run_dir / "checkpoints" / f"round-{r - 1}" / "global.safetensors"), 2)
+        after = hive.unpack(load_state(run_dir / "checkpoints" / f"round-{r}" / "global.safetensors"), 2)
+        step = train["secagg"]["quantization"]["step"]
+        for j in (0, 1):
+            mine = [c for c in survivors if chosen[c] == j]
+            for key in before[j]:
+                moved = (after[j][key].double() - before[j][key].double()).numpy()
+                if not mine:
+                    assert not moved.any(), key
+                    continue
+                with_deltas = [np.load(observed / "clipped" / f"{c}.npz")[key].astype(np.float64) for c in mine]
+                mean = sum(with_deltas) / len(mine)
+                assert np.abs(moved - mean).max() <= 4 * step * 4 / len(mine) + 1e-6, key
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["hive"]["specialists"] == [] and summary["hive"]["upload_adapters_per_device"] == 2
+    assert all("specialist" not in m for r in rounds for m in r.get("evaluate", {}).get("clients", {}).values())
+
+
+def config_keys(observed) -> list[str]:
+    """The adapter's tensor names, as a device's clipped delta holds them."""
+    any_delta = next((observed / "clipped").glob("*.npz"))
+    with np.load(any_delta) as data:
+        return list(data.files)

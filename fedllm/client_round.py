@@ -4,7 +4,8 @@ messages into the arguments here and the returned `TrainReply` into records.
     1. its data            this node's client: a partition (simulation) or its data-path
     2. its policy          refuse what the device's own policy forbids: nothing charged
     3. the charge          open (calibrate) or read the ledger, charge before any step, or decline
-    4. local training      the same loop with or without DP (Opacus wraps it when charged)
+    4. local training      a hive's specialist chosen first (fedllm.hive); the same loop with or
+                           without DP (Opacus wraps it when charged)
     5. the delta           local minus global adapter
     6. the user-level clip on the device, when the run has user-level DP
     7. the reply           plain data: client id, delta, metrics, epsilon report

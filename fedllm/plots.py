@@ -149,7 +149,7 @@ def _filled(metrics: dict[str, Any] | None) -> dict[str, float]:
 def format_summary(summary: dict[str, Any]) -> str:
     base, glob = _filled(summary.get("base")), _filled(summary.get("global"))
     rows = [
-        ("", "base", "global"),
+        ("", "base", f"hive k={summary['hive']['k']}" if summary.get("hive") else "global"),  # a device's specialist
         ("held-out perplexity", f"{base['perplexity']:.2f}", f"{glob['perplexity']:.2f}"),
         ("held-out loss", f"{base['loss']:.4f}", f"{glob['loss']:.4f}"),
         ("next-token top-1", f"{base['top1']:.3f}", f"{glob['top1']:.3f}"),

@@ -109,7 +109,8 @@ class Server:
             return aggregate.round_update(plan, self.spec.shapes, collected.contributions, collected.secure_sum,
                                           collected.contributors, self.noise, collected.running)
         sums = hive.unpack(collected.secure_sum, self.k) if collected.secure_sum is not None else [None] * self.k
-        counts = collected.counts or [0.0] * self.k
+        # a secure count is a sum of masked one-hots: below one half, nobody (honest) chose it
+        counts = [c if c >= 0.5 else 0.0 for c in (collected.counts or [0.0] * self.k)]
         updates = [aggregate.round_update(
             plan, self.spec.shapes, [c for c in collected.contributions if c.specialist == j], sums[j], counts[j],
             self.noise, collected.running_by[j] if collected.running_by else None) for j in range(self.k)]

@@ -253,6 +253,9 @@ class HiveConfig:
                   doc="specialist adapters the devices choose among (fedllm.hive); 1: one global adapter")
     method: str = _key("ifca", *_one_of("ifca"),
                        doc="ifca: each device trains the specialist with the lowest loss on its training records")
+    score_records: int = _key(0, *NON_NEG_INT,
+                              doc="> 0: a device scores the specialists on at most this many of its training "
+                                  "records (a seeded draw that reads no data: cost, not privacy); 0: all of them")
     select_noise: float = _key(5.0, *POS_FLOAT,
                                doc="under DP: std of the Gaussian noise on the per-record votes of a device's "
                                    "choice (report-noisy-max, charged as a Gaussian release of this multiplier)")

@@ -54,6 +54,10 @@ def pick(config: Config, worker, client_id: str, states, examples, private: bool
         zlib.crc32(f"{config.seed}/{server_round}/{client_id}/hive".encode()))
     if identical(states):  # a new hive: nothing to tell apart, nothing read, nothing charged
         return int(rng.integers(len(states)))
+    cap = config.hive.score_records
+    if cap and len(examples) > cap:  # indices drawn without reading the records: each still votes at most once
+        draw = np.random.default_rng(zlib.crc32(f"{config.seed}/{server_round}/{client_id}/score".encode()))
+        examples = [examples[i] for i in sorted(draw.choice(len(examples), cap, replace=False))]
     losses = scores(worker, states, examples, config.evaluate.batch_size)
     return choose(losses, config.hive.select_noise if private else None, rng)
 

@@ -403,3 +403,26 @@ def config_keys(observed) -> list[str]:
     any_delta = next((observed / "clipped").glob("*.npz"))
     with np.load(any_delta) as data:
         return list(data.files)
+
+
+def test_scoring_can_be_capped_without_reading_the_records(monkeypatch):
+    from fedllm import hive_device
+
+    seen = []
+
+    def fake_scores(worker, states, examples, batch_size):
+        seen.append(list(examples))
+        return np.array([[0.0, 1.0]] * len(examples))
+
+    monkeypatch.setattr(hive_device, "scores", fake_scores)
+    states = [{"x": np.zeros(1)}, {"x": np.ones(1)}]
+    examples = [[i] for i in range(100)]
+    config = Config.from_flat({"hive.k": 2, "hive.score-records": 16, "privacy.enabled": False})
+    assert hive_device.pick(config, None, "c", states, examples, False, 3) == 0
+    assert len(seen[-1]) == 16 and len({tuple(e) for e in seen[-1]}) == 16
+    hive_device.pick(config, None, "c", states, examples, False, 3)
+    assert seen[-1] == seen[-2]  # the draw depends on (seed, round, client), never on the data
+    hive_device.pick(config.with_values({"hive.score-records": 0}), None, "c", states, examples, False, 3)
+    assert len(seen[-1]) == 100
+    assert hive_device.pick(config, None, "c", [states[0], states[0]], examples, False, 3) in (0, 1)
+    assert len(seen) == 3  # identical specialists: nothing scored

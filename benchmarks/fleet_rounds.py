@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -31,6 +29,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from fedllm.deploy.processes import stop_all
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "simulations" / "tiny.toml"
@@ -104,14 +104,7 @@ def deployed(tmp: Path, rounds: int, secagg: bool, resident: bool, extra: list[s
         if server.wait(timeout=1800) != 0:
             raise RuntimeError(f"the server failed:\n{(logs / 'server.log').read_text()[-3000:]}")
     finally:
-        for process in started:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in started:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        stop_all(started, 30)
     return _round_seconds(run_dir)
 
 

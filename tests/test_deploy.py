@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from conftest import TINY
 from fedllm.cli import main
 from fedllm.config import parse_assignment
+from fedllm.deploy.processes import stop_all
 from fedllm.privacy.ledger import Ledger
 
 FEDLLM = [sys.executable, "-m", "fedllm.cli"]
@@ -51,17 +51,6 @@ def _devices(tmp_path: Path, n: int) -> list[Path]:
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen([*FEDLLM, *args], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
                             start_new_session=True, env=dict(os.environ))
-
-
-def _stop(*processes: subprocess.Popen) -> None:
-    for p in processes:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in processes:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
 
 
 def test_certs_refuses_to_overwrite_a_ca(tmp_path, capsys):
@@ -172,7 +161,7 @@ def test_operator_registers_a_key_late_and_a_device_refuses_a_looser_budget(tmp_
                         tmp_path / "client.log")
         assert server.wait(timeout=400) == 0, (tmp_path / "server.log").read_text()[-3000:]
     finally:
-        _stop(server, *([device] if device else []))
+        stop_all([server, device], 20)
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for record in rounds[1:]:
         assert not record["train"]["clients"]
@@ -245,7 +234,7 @@ def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir):
 
         assert server.wait(timeout=480) == 0, (tmp_path / "server-2.log").read_text()[-3000:]
     finally:
-        _stop(server, *clients.values())
+        stop_all([server, *clients.values()], 20)
 
     assert "resuming run" in (tmp_path / "server-2.log").read_text()
     for name in ("config.json", "metrics.jsonl", "summary.json", "summary.txt", "metrics.png",

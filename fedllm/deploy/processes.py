@@ -105,8 +105,16 @@ def toml_table(values: dict) -> str:
 
 def stop(process: subprocess.Popen | None, timeout: float = 30) -> None:
     """Stop a process started in its own session, and everything it started."""
-    if process is not None and process.poll() is None:
+    stop_all([process], timeout)
+
+
+def stop_all(started: list[subprocess.Popen | None], timeout: float = 30) -> None:
+    """Stop processes started in their own sessions, and everything they started: all are
+    asked at once (SIGTERM), then each gets `timeout` seconds before SIGKILL."""
+    running = [p for p in started if p is not None and p.poll() is None]
+    for process in running:
         os.killpg(process.pid, signal.SIGTERM)
+    for process in running:
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -154,11 +154,12 @@ def train_round(config: Config, source: Source, global_state: dict[str, torch.Te
     if why:
         return wire.TrainReply(data.client_id, declined=why, report=report)
     packed, states = global_state, specialists(config, global_state)
+    same = identical(states)  # one adapter, or a new hive's: a choice among them reads no record
     if config.privacy.enabled:                                                            # 3
         ledger = open_ledger(config, data, ledger, request.server_round, request.run_id)
     if ledger is not None:
         charges = [ledger.next_charge(request.server_round, config.local_steps, run=request.run_id)]
-        if len(states) > 1 and not identical(states):  # the hive's choice reads the records: charged with the steps
+        if not same:  # the hive's choice reads the records: charged with the steps
             charges.insert(0, ledger.selection_charge(request.server_round, config.hive.select_noise, request.run_id))
         declined = charge_or_decline(ledger, charges, config.privacy.target_epsilon)
         if declined:
@@ -170,7 +171,7 @@ def train_round(config: Config, source: Source, global_state: dict[str, torch.Te
     if len(states) > 1:  # the hive: train the specialist that fits these records best (fedllm.hive)
         chosen = pick(config, worker, data.client_id, states, train_examples, ledger is not None, request.server_round)
         keep_choice(config, data.client_id, chosen, request.server_round, request.run_id, ledger is not None,
-                    scored=not identical(states))
+                    scored=not same)
         global_state = states[chosen]
     load_adapter_state(worker.model, global_state)
     keep_global(config, worker, data, packed, request)

@@ -17,13 +17,9 @@ def status_lines(store: StateStore) -> list[str]:
         lines.append(f"global adapter: round {info.get('global_round')} of run {info.get('run') or '-'}; "
                      f"base {info.get('base')}")
     if info is not None and isinstance(info.get("config"), dict) and info["config"].get("hive.k", 1) > 1:
-        from fedllm.hive_device import HIVE_FILE
-        from fedllm.state import _read_json
+        from fedllm.hive_device import read_choice
 
-        try:
-            kept = _read_json(store.dir / HIVE_FILE, {}) or {}
-        except Exception:  # noqa: BLE001 - a damaged choice is chosen again next round
-            kept = {}
+        kept = read_choice(store.dir) or {}  # a damaged choice is chosen again next round
         lines.append(f"hive: {info['config']['hive.k']} specialists kept; "
                      + (f"chose specialist {kept.get('specialist')} in round {kept.get('round')}"
                         + (" (privately, charged)" if kept.get("private") else "") if kept else "no choice yet"))

@@ -6,6 +6,7 @@ records, choose one (privately under DP, charged), and keep the choice in its st
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from fedllm import atomic
 from fedllm.config import Config
 from fedllm.errors import FedllmError
 from fedllm.evaluate import record_losses
-from fedllm.hive import choose, identical, unpack
+from fedllm.hive import MAX_K, choose, identical, unpack
 from fedllm.model import load_adapter_state
 from fedllm.state import StateStore, _read_json, state_root
 from fedllm.untrusted import number_in
@@ -28,19 +29,20 @@ def specialists(config: Config, global_state: dict[str, torch.Tensor]) -> list[d
     return unpack(global_state, config.hive.k)
 
 
-def scores(worker, states: list[dict[str, torch.Tensor]], examples: list[list[int]], batch_size: int) -> np.ndarray:
+def scores(model, pad_id: int, states: list[dict[str, torch.Tensor]], examples: list[list[int]],
+           batch_size: int) -> np.ndarray:
     """Per-record mean token loss under each specialist: records x k. The model's adapter
     is left as it was found."""
     from fedllm.model import adapter_state
 
-    before = adapter_state(worker.model)
+    before = adapter_state(model)
     try:
         columns = []
         for state in states:
-            load_adapter_state(worker.model, state)
-            columns.append(record_losses(worker.model, examples, batch_size, worker.tokenizer.pad_token_id))
+            load_adapter_state(model, state)
+            columns.append(record_losses(model, examples, batch_size, pad_id))
     finally:
-        load_adapter_state(worker.model, before)
+        load_adapter_state(model, before)
     return np.asarray(columns, np.float64).T
 
 
@@ -58,11 +60,11 @@ def pick(config: Config, worker, client_id: str, states, examples, private: bool
     if cap and len(examples) > cap:  # indices drawn without reading the records: each still votes at most once
         draw = np.random.default_rng(zlib.crc32(f"{config.seed}/{server_round}/{client_id}/score".encode()))
         examples = [examples[i] for i in sorted(draw.choice(len(examples), cap, replace=False))]
-    losses = scores(worker, states, examples, config.evaluate.batch_size)
+    losses = scores(worker.model, worker.tokenizer.pad_token_id, states, examples, config.evaluate.batch_size)
     return choose(losses, config.hive.select_noise if private else None, rng)
 
 
-def hive_path(config: Config, client_id: str):
+def hive_path(config: Config, client_id: str) -> Path:
     return StateStore(state_root(config), client_id).dir / HIVE_FILE
 
 
@@ -73,23 +75,27 @@ def keep_choice(config: Config, client_id: str, chosen: int, server_round: int, 
                                                      "run": run, "private": private, "scored": scored})
 
 
+CHOICE_FIELDS = {"k": lambda v: number_in(v, 1, MAX_K, integer=True),
+                 "specialist": lambda v: number_in(v, 0, MAX_K - 1, integer=True),
+                 "round": lambda v: number_in(v, 0, 10**9, integer=True)}
+
+
+def read_choice(store_dir: Path) -> dict[str, Any] | None:
+    """A state store's hive.json, its fields checked; None when absent or damaged (the
+    device then chooses again, charged under DP)."""
+    try:
+        kept = _read_json(Path(store_dir) / HIVE_FILE, CHOICE_FIELDS)
+    except FedllmError:
+        return None
+    if not kept or not all(isinstance(kept.get(f), int) and not isinstance(kept.get(f), bool) for f in CHOICE_FIELDS):
+        return None
+    return kept
+
+
 def kept_choice(config: Config, client_id: str) -> tuple[int, int] | None:
     """(the specialist this device last chose on its records for a hive of this size, the
     round), or None."""
-    try:
-        kept = _read_json(hive_path(config, client_id), {
-            "k": lambda v: number_in(v, 1, 64, integer=True), "specialist": lambda v: number_in(v, 0, 63, integer=True),
-            "round": lambda v: number_in(v, 0, 10**9, integer=True)})
-    except FedllmError:
-        return None  # a damaged record: choose again (charged)
-    if not kept or kept.get("k") != config.hive.k or kept.get("scored") is not True or \
-            not all(isinstance(kept.get(f), int) for f in ("specialist", "round")):
+    kept = read_choice(StateStore(state_root(config), client_id).dir)
+    if kept is None or kept["k"] != config.hive.k or kept.get("scored") is not True:
         return None
     return (kept["specialist"], kept["round"]) if kept["specialist"] < config.hive.k else None
-
-
-def info(config: Config, client_id: str) -> dict[str, Any] | None:
-    try:
-        return _read_json(hive_path(config, client_id), {})
-    except FedllmError:
-        return None

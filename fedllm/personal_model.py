@@ -96,12 +96,8 @@ def _specialist(store: StateStore, config: Config, peft_model, tokenizer, packed
                 prompt: str) -> tuple[dict, int]:
     """(the adapter of the specialist to use, its index): routed on the prompt for `hive`
     (when it has a token to score), else the device's kept choice (0 before it has one)."""
-    import json
-
-    from fedllm.evaluate import record_losses
     from fedllm.hive import unpack
-    from fedllm.hive_device import HIVE_FILE
-    from fedllm.model import load_adapter_state
+    from fedllm.hive_device import read_choice, scores
 
     try:
         states = unpack(packed, config.hive.k)
@@ -109,18 +105,10 @@ def _specialist(store: StateStore, config: Config, peft_model, tokenizer, packed
         raise FedllmError(f"{store.global_path}: {exc}; move it aside (the next round writes it again)") from None
     ids = prompt_ids(tokenizer, prompt)
     if which == "hive" and len(ids) >= 2:
-        losses = []
-        for state in states:
-            load_adapter_state(peft_model, state)
-            losses.append(record_losses(peft_model, [ids], 1, tokenizer.pad_token_id)[0])
-        chosen = min(range(len(states)), key=lambda j: losses[j])
+        chosen = int(scores(peft_model, tokenizer.pad_token_id, states, [ids], 1)[0].argmin())
         return states[chosen], chosen
-    try:
-        kept = json.loads((store.dir / HIVE_FILE).read_text())
-        chosen = kept["specialist"] if isinstance(kept.get("specialist"), int) else 0
-    except (OSError, ValueError, AttributeError, KeyError):
-        chosen = 0
-    chosen = chosen if 0 <= chosen < len(states) else 0
+    kept = read_choice(store.dir)
+    chosen = kept["specialist"] if kept is not None and kept["specialist"] < len(states) else 0
     return states[chosen], chosen
 
 

@@ -410,7 +410,7 @@ def test_scoring_can_be_capped_without_reading_the_records(monkeypatch):
 
     seen = []
 
-    def fake_scores(worker, states, examples, batch_size):
+    def fake_scores(model, pad_id, states, examples, batch_size):
         seen.append(list(examples))
         return np.array([[0.0, 1.0]] * len(examples))
 
@@ -418,11 +418,12 @@ def test_scoring_can_be_capped_without_reading_the_records(monkeypatch):
     states = [{"x": np.zeros(1)}, {"x": np.ones(1)}]
     examples = [[i] for i in range(100)]
     config = Config.from_flat({"hive.k": 2, "hive.score-records": 16, "privacy.enabled": False})
-    assert hive_device.pick(config, None, "c", states, examples, False, 3) == 0
+    worker = type("Worker", (), {"model": None, "tokenizer": type("T", (), {"pad_token_id": 0})})
+    assert hive_device.pick(config, worker, "c", states, examples, False, 3) == 0
     assert len(seen[-1]) == 16 and len({tuple(e) for e in seen[-1]}) == 16
-    hive_device.pick(config, None, "c", states, examples, False, 3)
+    hive_device.pick(config, worker, "c", states, examples, False, 3)
     assert seen[-1] == seen[-2]  # the draw depends on (seed, round, client), never on the data
-    hive_device.pick(config.with_values({"hive.score-records": 0}), None, "c", states, examples, False, 3)
+    hive_device.pick(config.with_values({"hive.score-records": 0}), worker, "c", states, examples, False, 3)
     assert len(seen[-1]) == 100
-    assert hive_device.pick(config, None, "c", [states[0], states[0]], examples, False, 3) in (0, 1)
+    assert hive_device.pick(config, worker, "c", [states[0], states[0]], examples, False, 3) in (0, 1)
     assert len(seen) == 3  # identical specialists: nothing scored

@@ -2,8 +2,9 @@
 messages into the arguments here and the returned `TrainReply` into records.
 
     1. its data            this node's client: a partition (simulation) or its data-path
-    2. its policy          refuse what the device's own policy forbids: nothing charged
+    2. its policy          refuse what the device's own policy forbids: nothing read or charged
     3. the charge          open (calibrate) or read the ledger, charge before any step, or decline
+                           (2 and 3 are the one door to spending, `fedllm.privacy.budget`)
     4. local training      a hive's specialist chosen first (fedllm.hive); the same loop with or
                            without DP (Opacus wraps it when charged)
     5. the delta           local minus global adapter
@@ -25,16 +26,17 @@ from typing import Any
 import torch
 
 from fedllm import messages as wire
-from fedllm.config import Config, planned_selections, planned_steps
+from fedllm.config import Config
 from fedllm.data import ClientData, load_clients
 from fedllm.data.corpus import device_client
 from fedllm.hive import identical
 from fedllm.hive_device import keep_choice, kept_choice, pick, specialists
 from fedllm.model import adapter_state, load_adapter_state
 from fedllm.personal import trainable_snapshot
-from fedllm.privacy.engine import check_adapter_moved, make_private, poisson_sample_rate
+from fedllm.privacy import budget
+from fedllm.privacy.engine import check_adapter_moved, make_private
 from fedllm.privacy.ledger import Ledger
-from fedllm.privacy.policy import DevicePolicy, refusal
+from fedllm.privacy.policy import DevicePolicy
 from fedllm.privacy.report import client_report
 from fedllm.privacy.user_level import clip_delta
 from fedllm.schedule import STOPPED, UNAVAILABLE, Unavailable
@@ -79,49 +81,6 @@ def client_seed(seed: int, server_round: int, client_id: str) -> int:
     return zlib.crc32(f"{seed}/{server_round}/{client_id}".encode())
 
 
-def ledger_path(config: Config, data: ClientData) -> Path:
-    return StateStore(state_root(config), data.client_id).ledger_path
-
-
-def check_policy(config: Config, data: ClientData, policy: DevicePolicy) -> tuple[str, dict | None, Ledger | None]:
-    """(why this device refuses the request, or "", its unchanged report when refused, its
-    existing ledger or None). Nothing is charged, trained or written here."""
-    ledger = Ledger.existing(ledger_path(config, data), data.client_id) if config.privacy.enabled else None
-    why = refusal(policy, config, ledger, data.num_records)
-    return why, client_report(ledger, declined=why) if why and ledger is not None else None, ledger
-
-
-def open_ledger(config: Config, data: ClientData, ledger: Ledger | None = None, server_round: int = 0,
-                run: str = "") -> Ledger:
-    """The first private round: calibrate the noise for the planned steps, create the
-    ledger. Given the device's existing `ledger`, account for a record count that changed
-    since (a new sample rate from here on: `Ledger.note_records`)."""
-    if ledger is not None:
-        ledger.note_records(data.num_records, poisson_sample_rate(data.num_records, config.train.batch_size),
-                            server_round, run)
-        return ledger
-    p = config.privacy
-    return Ledger.open(
-        ledger_path(config, data), client_id=data.client_id,
-        num_records=data.num_records, delta=p.delta, target_epsilon=p.target_epsilon,
-        sample_rate=poisson_sample_rate(data.num_records, config.train.batch_size),
-        max_grad_norm=p.max_grad_norm, planned_steps=planned_steps(config),
-        accountant=p.accountant, planned_selections=planned_selections(config), select_noise=config.hive.select_noise,
-    )
-
-
-def charge_or_decline(ledger: Ledger, charges: list, target: float) -> str:
-    """Charge the ledger for `charges` (before any step), or say why the client declines.
-    `target` is the ledger's, or a stricter one the server asked for."""
-    cap = min(target, ledger.target_epsilon)
-    affordable, after = ledger.affordable(charges, cap)
-    if not affordable:
-        return (f"declined: this would bring epsilon to {after:.3f}, over the target "
-                f"{cap:g} (spent so far {ledger.epsilon():.3f})")
-    ledger.charge(charges)  # before training: a crash can only over-report
-    return ""
-
-
 def train_steps(config: Config, worker: Worker, examples, steps: int, lr: float, seed: int,
                 ledger: Ledger | None = None, proximal_mu: float = 0.0, anchor=None, after_step=None) -> TrainResult:
     """`steps` steps on the model's trainable (adapter) weights: DP-SGD when a ledger is
@@ -150,27 +109,26 @@ def train_round(config: Config, source: Source, global_state: dict[str, torch.Te
     `still_available()` (the device's own conditions, `fedllm.schedule`) is asked after every
     step; when it says why not, training stops and the round is declined, its charge kept."""
     data = client_data(config, source)                                                    # 1
-    why, report, ledger = check_policy(config, data, policy or DevicePolicy.from_config(config))  # 2
-    if why:
-        return wire.TrainReply(data.client_id, declined=why, report=report)
     packed, states = global_state, specialists(config, global_state)
     same = identical(states)  # one adapter, or a new hive's: a choice among them reads no record
-    if config.privacy.enabled:                                                            # 3
-        ledger = open_ledger(config, data, ledger, request.server_round, request.run_id)
-    if ledger is not None:
-        charges = [ledger.next_charge(request.server_round, config.local_steps, run=request.run_id)]
+
+    def charges(ledger: Ledger) -> list:
+        steps = [ledger.next_charge(request.server_round, config.local_steps, run=request.run_id)]
         if not same:  # the hive's choice reads the records: charged with the steps
-            charges.insert(0, ledger.selection_charge(request.server_round, config.hive.select_noise, request.run_id))
-        declined = charge_or_decline(ledger, charges, config.privacy.target_epsilon)
-        if declined:
-            return wire.TrainReply(data.client_id, declined=declined,
-                                   report=client_report(ledger, declined, config.privacy.target_epsilon))
+            steps.insert(0, ledger.selection_charge(request.server_round, config.hive.select_noise, request.run_id))
+        return steps
+
+    spent = budget.spend(config, data.client_id, data.num_records, policy or DevicePolicy.from_config(config),  # 2, 3
+                         charges, request.server_round, request.run_id)
+    if not spent.admitted:
+        return wire.TrainReply(data.client_id, declined=spent.declined, report=spent.report)
+    ledger = spent.ledger
     worker = worker_for(config)                                                           # 4
     train_examples, _ = examples_for(worker, data, config.model.max_length)
     chosen = None
     if len(states) > 1:  # the hive: train the specialist that fits these records best (fedllm.hive)
-        chosen = pick(config, worker, data.client_id, states, train_examples, ledger is not None, request.server_round)
-        keep_choice(config, data.client_id, chosen, request.server_round, request.run_id, ledger is not None,
+        chosen = pick(config, worker, data.client_id, states, train_examples, spent.private, request.server_round)
+        keep_choice(config, data.client_id, chosen, request.server_round, request.run_id, spent.private,
                     scored=not same)
         global_state = states[chosen]
     load_adapter_state(worker.model, global_state)
@@ -187,7 +145,7 @@ def train_round(config: Config, source: Source, global_state: dict[str, torch.Te
     delta = {k: local[k] - global_state[k].to(torch.float32) for k in local}
     if config.user_dp.enabled:                                                            # 6
         delta, _ = clip_delta(delta, config.user_dp.clip)  # the norm itself stays on the device
-    report = client_report(ledger, "", config.privacy.target_epsilon) if ledger is not None else None  # 7
+    report = spent.report                                                                 # 7
     return wire.TrainReply(data.client_id, delta=delta, report=report, metrics={
         wire.NUM_EXAMPLES: data.num_records, wire.TRAIN_LOSS: result.loss, wire.STEPS: result.steps,
         wire.EPSILON: report["epsilon"] if report else 0.0,
@@ -197,34 +155,36 @@ def train_round(config: Config, source: Source, global_state: dict[str, torch.Te
 def evaluation_choice(config: Config, source: Source, states: list, request: Request,
                       policy: DevicePolicy | None = None) -> tuple[int, dict | None]:
     """(the specialist this device is evaluated and personalised with, its epsilon report
-    when a choice was charged). Without DP it scores them afresh. Under DP it reuses the
-    choice it keeps (already paid for) and pays for a new one only where it has none, and
-    after the last round (the specialists it personalises from), unless it chose in that
-    very round; a device that cannot pay takes specialist 0, chosen without its data.
-    Specialists that are all the same (a new hive) need no choice: 0, charged nothing."""
+    when a choice was charged). The device's policy comes first, as for training: a
+    request it refuses (a non-private one on a device that requires DP) gets specialist 0,
+    chosen without reading a record. Without DP it scores them afresh. Under DP it reuses
+    the choice it keeps, if that was made (and paid for) under DP, and pays for a new one
+    only where it has none, and after the last round (the specialists it personalises
+    from), unless it chose in that very round; a device that cannot pay takes specialist 0,
+    chosen without its data. Specialists that are all the same (a new hive) need no
+    choice: 0, charged nothing."""
     data = client_data(config, source)
     if identical(states):
         return 0, None
+    policy = policy or DevicePolicy.from_config(config)
+    checked = budget.admit(config, data.client_id, data.num_records, policy)
+    if not checked.admitted:
+        return 0, checked.report
     kept = kept_choice(config, data.client_id) if config.privacy.enabled else None
     final = request.server_round >= config.num_server_rounds
     if kept is not None and (not final or kept[1] == request.server_round):
         return kept[0], None
-    report, ledger = None, None
-    if config.privacy.enabled:
-        why, report, ledger = check_policy(config, data, policy or DevicePolicy.from_config(config))
-        if why:
-            return 0, report
-        ledger = open_ledger(config, data, ledger, request.server_round, request.run_id)
-        charge = ledger.selection_charge(request.server_round, config.hive.select_noise, request.run_id)
-        declined = charge_or_decline(ledger, [charge], config.privacy.target_epsilon)
-        report = client_report(ledger, declined, config.privacy.target_epsilon)
-        if declined:
-            return 0, report
+    spent = budget.spend(config, data.client_id, data.num_records, policy,
+                         lambda ledger: [ledger.selection_charge(request.server_round, config.hive.select_noise,
+                                                                 request.run_id)],
+                         request.server_round, request.run_id)
+    if not spent.admitted:
+        return 0, spent.report
     worker = worker_for(config)
     train_examples, _ = examples_for(worker, data, config.model.max_length)
-    chosen = pick(config, worker, data.client_id, states, train_examples, ledger is not None, request.server_round)
-    keep_choice(config, data.client_id, chosen, request.server_round, request.run_id, ledger is not None)
-    return chosen, report
+    chosen = pick(config, worker, data.client_id, states, train_examples, spent.private, request.server_round)
+    keep_choice(config, data.client_id, chosen, request.server_round, request.run_id, spent.private)
+    return chosen, spent.report
 
 
 def _stop_when(still_available):

@@ -40,6 +40,11 @@ def _one_of(*choices: str) -> tuple[Check, str]:
     return (lambda v: v in choices), "one of " + ", ".join(repr(c) for c in choices)
 
 
+def _in(lo: float, hi: float, what: str = "an integer") -> tuple[Check, str]:
+    """A bounded size: absurd values are refused before anything starts (or allocates)."""
+    return (lambda v: lo <= v <= hi), f"{what} in {lo}..{hi}"
+
+
 POS_INT = (_positive, "an integer >= 1")
 NON_NEG_INT = (_non_negative, "an integer >= 0")
 POS_FLOAT = (_positive, "a number > 0")
@@ -68,10 +73,10 @@ class DataConfig:
     corpus: str = _key("plays", *_one_of("plays", "code", "mixed"),
                        doc="the embedded clients (data.path empty): plays (speaking roles), code (modules of "
                            "the pinned sympy source) or mixed (half of each)")
-    min_records: int = _key(20, *POS_INT, doc="a role/file needs this many records to become a client")
+    min_records: int = _key(20, *_in(1, 10**6), doc="a role/file needs this many records to become a client")
     holdout_fraction: float = _key(0.2, *FRACTION, doc="share of each client's last records held out")
     public_fraction: float = _key(0.5, *FRACTION, doc="share of plays kept public for the base model")
-    split_seed: int = _key(0, *NON_NEG_INT, doc="seed of the public/private split of plays (and of data partitions)")
+    split_seed: int = _key(0, *_in(0, 2**32 - 1), doc="seed of the public/private split of plays (and of data partitions)")
     partitioner: str = _key("natural", *_one_of("natural", "iid", "dirichlet"),
                             doc="natural: one client per role / file / data.id-column value; iid or dirichlet: "
                                 "data.num-partitions synthetic clients (Flower Datasets)")
@@ -81,14 +86,14 @@ class DataConfig:
                           doc="the client id column (data.partitioner=natural on a dataset file)")
     label_column: str = _key("label", lambda v: bool(v.strip()), "a column name",
                              doc="the label column data.partitioner=dirichlet splits over (the role, on the plays)")
-    num_partitions: int = _key(0, *NON_NEG_INT, doc="iid/dirichlet: number of partitions; 0: num-clients")
+    num_partitions: int = _key(0, *_in(0, 10**6), doc="iid/dirichlet: number of partitions; 0: num-clients")
     alpha: float = _key(0.5, *POS_FLOAT, doc="dirichlet concentration: small is more skewed")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = _key("builtin", lambda v: bool(v.strip()), "'builtin', a Hugging Face hub id or a local path")
-    max_length: int = _key(128, lambda v: v >= 8, "an integer >= 8", "tokens per record (longer ones are truncated)")
+    max_length: int = _key(128, *_in(8, 32768), "tokens per record (longer ones are truncated)")
     cache_dir: str = _key("", None, "a folder path", "where the built-in base is cached; empty: ~/.cache/fedllm")
     dtype: str = _key("auto", *_one_of("auto", "float32", "bfloat16", "float16"),
                       doc="the frozen base's precision (LoRA weights, optimizer state and deltas stay float32); "
@@ -97,20 +102,20 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class BaseConfig:
-    vocab_size: int = _key(4096, lambda v: v >= 300, "an integer >= 300")
-    hidden_size: int = _key(256, lambda v: v >= 16, "an integer >= 16")
-    layers: int = _key(4, *POS_INT)
-    heads: int = _key(4, *POS_INT)
-    seq_len: int = _key(128, lambda v: v >= 16, "an integer >= 16")
-    steps: int = _key(400, *POS_INT)
-    batch_size: int = _key(16, *POS_INT)
+    vocab_size: int = _key(4096, *_in(300, 1 << 20))
+    hidden_size: int = _key(256, *_in(16, 16384))
+    layers: int = _key(4, *_in(1, 256))
+    heads: int = _key(4, *_in(1, 256))
+    seq_len: int = _key(128, *_in(16, 32768))
+    steps: int = _key(400, *_in(1, 10**7))
+    batch_size: int = _key(16, *_in(1, 4096))
     lr: float = _key(3e-3, *POS_FLOAT)
-    seed: int = _key(0, *NON_NEG_INT)
+    seed: int = _key(0, *_in(0, 2**32 - 1))
 
 
 @dataclass(frozen=True)
 class LoraConfig:
-    r: int = _key(8, *POS_INT, doc="LoRA rank")
+    r: int = _key(8, *_in(1, 1024), doc="LoRA rank")
     alpha: float = _key(16.0, *POS_FLOAT)
     dropout: float = _key(0.0, lambda v: 0 <= v < 1, "a number in [0, 1)")
     target_modules: str = _key("auto", lambda v: bool(v.strip()), "'auto' or comma-separated module names")
@@ -118,7 +123,7 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = _key(8, *POS_INT)
+    batch_size: int = _key(8, *_in(1, 10**5))
     lr: float = _key(1e-2, *POS_FLOAT)
     weight_decay: float = _key(0.0, *NON_NEG_FLOAT)
 
@@ -163,16 +168,16 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    num_clients: int = _key(20, *POS_INT, doc="size of the fixed set of clients evaluated each round (capped at num-clients)")
-    batch_size: int = _key(16, *POS_INT)
-    every: int = _key(1, *POS_INT, doc="evaluate every N rounds (and always after the last)")
+    num_clients: int = _key(20, *_in(1, 10**6), doc="size of the fixed set of clients evaluated each round (capped at num-clients)")
+    batch_size: int = _key(16, *_in(1, 10**5))
+    every: int = _key(1, *_in(1, 10**5), doc="evaluate every N rounds (and always after the last)")
 
 
 @dataclass(frozen=True)
 class SimulationConfig:
     num_cpus: int = _key(0, *NON_NEG_INT, doc="CPUs for the simulation engine; 0: all")
     cpus_per_client: int = _key(1, *POS_INT)
-    cache_mib: int = _key(256, *POS_INT, doc="tokenised client data a worker keeps, in MiB (least recently used "
+    cache_mib: int = _key(256, *_in(1, 1 << 20), doc="tokenised client data a worker keeps, in MiB (least recently used "
                                               "clients are dropped first): memory flat in the population")
     ray_address: str = _key("", None, "empty, 'auto' or host:port",
                             doc="run on an existing Ray cluster (`ray start --head` printed its address); "
@@ -186,9 +191,9 @@ class SimulationConfig:
 class PersonalConfig:
     method: str = _key("none", *_one_of("none", "finetune", "adapter", "ditto"),
                        doc="how each device personalises the global adapter (evaluated after the last round)")
-    steps: int = _key(10, *POS_INT, doc="personal training steps (and local-only baseline steps)")
+    steps: int = _key(10, *_in(1, 10**5), doc="personal training steps (and local-only baseline steps)")
     lr: float = _key(1e-3, *POS_FLOAT, doc="chosen on validation splits of training records, never held-out")
-    r: int = _key(8, *POS_INT, doc="rank of the personal adapter (method 'adapter')")
+    r: int = _key(8, *_in(1, 1024), doc="rank of the personal adapter (method 'adapter')")
     lambda_: float = _key(0.1, *NON_NEG_FLOAT, doc="Ditto: weight of (lambda/2)*||personal - global||^2")
     early_stopping: bool = _key(True, None, "true or false",
                                 "without DP: keep the step with the best loss on the last 20% of training records")
@@ -204,7 +209,7 @@ class PrivacyConfig:
                                  "per-client epsilon budget over its whole life")
     delta: float = _key(1e-5, *FRACTION, doc="per-client delta; must be below 1/n for n records")
     max_grad_norm: float = _key(1.0, *POS_FLOAT, doc="per-record gradient clipping bound")
-    planned_rounds: int = _key(0, *NON_NEG_INT, doc="participations the noise is calibrated for; 0: auto")
+    planned_rounds: int = _key(0, *_in(0, 10**5), doc="participations the noise is calibrated for; 0: auto")
     accountant: str = _key("prv", *_one_of("prv", "rdp"))
     state_dir: str = _key("", None, "a folder path", "client state stores (ledgers); empty: <run-dir>/clients")
     genesis_registry: str = _key("", None, "a file path",
@@ -253,10 +258,10 @@ class HiveConfig:
                   doc="specialist adapters the devices choose among (fedllm.hive); 1: one global adapter")
     method: str = _key("ifca", *_one_of("ifca"),
                        doc="ifca: each device trains the specialist with the lowest loss on its training records")
-    score_records: int = _key(0, *NON_NEG_INT,
+    score_records: int = _key(0, *_in(0, 10**6),
                               doc="> 0: a device scores the specialists on at most this many of its training "
                                   "records (a seeded draw that reads no data: cost, not privacy); 0: all of them")
-    select_noise: float = _key(5.0, *POS_FLOAT,
+    select_noise: float = _key(5.0, *_in(0.1, 1e4, "a number"),
                                doc="under DP: std of the Gaussian noise on the per-record votes of a device's "
                                    "choice (report-noisy-max, charged as a Gaussian release of this multiplier)")
 
@@ -270,11 +275,11 @@ class ResumeConfig:
 
 @dataclass(frozen=True)
 class Config:
-    num_server_rounds: int = _key(5, *POS_INT)
-    num_clients: int = _key(100, *POS_INT)
-    clients_per_round: int = _key(10, *POS_INT)
-    local_steps: int = _key(5, *POS_INT, doc="optimizer steps per client per round")
-    seed: int = _key(0, *NON_NEG_INT)
+    num_server_rounds: int = _key(5, *_in(1, 10**5))
+    num_clients: int = _key(100, *_in(1, 10**6))
+    clients_per_round: int = _key(10, *_in(1, 10**6))
+    local_steps: int = _key(5, *_in(1, 10**5), doc="optimizer steps per client per round")
+    seed: int = _key(0, *_in(0, 2**32 - 1))
     run_dir: str = _key("", None, "a folder path", "empty: runs/<timestamp>")
     round_timeout: float = _key(600.0, *POS_FLOAT, doc="seconds to wait for replies in a round")
     device: str = _key("auto", _device, "auto, cpu, cuda, cuda:N or mps",

@@ -7,6 +7,7 @@ from fedllm.state import StateStore
 
 def status_lines(store: StateStore) -> list[str]:
     """Its model, its personal adapter's version and its ledger's epsilon, one per line."""
+    from fedllm.personal_model import stored_config
     from fedllm.privacy.ledger import Ledger
 
     lines = [f"client {store.client_id}: state store {store.dir}"]
@@ -16,11 +17,12 @@ def status_lines(store: StateStore) -> list[str]:
     else:
         lines.append(f"global adapter: round {info.get('global_round')} of run {info.get('run') or '-'}; "
                      f"base {info.get('base')}")
-    if info is not None and isinstance(info.get("config"), dict) and info["config"].get("hive.k", 1) > 1:
+    k = stored_config(store)[0].hive.k if info is not None else 1  # model.json's settings, checked
+    if k > 1:
         from fedllm.hive_device import read_choice
 
         kept = read_choice(store.dir) or {}  # a damaged choice is chosen again next round
-        lines.append(f"hive: {info['config']['hive.k']} specialists kept; "
+        lines.append(f"hive: {k} specialists kept; "
                      + (f"chose specialist {kept.get('specialist')} in round {kept.get('round')}"
                         + (" (privately, charged)" if kept.get("private") else "") if kept else "no choice yet"))
     personal = store.personal_info()

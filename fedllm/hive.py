@@ -26,6 +26,7 @@ the audit compose with the DP-SGD steps. Without DP the device takes the lowest 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -81,6 +82,25 @@ def slotted(delta: Mapping[str, np.ndarray] | None, chosen: int | None, keys: Se
 
 
 # -- the choice ---------------------------------------------------------------------------
+def scored(examples: Sequence[Sequence[int]], cap: int, key: bytes) -> list[Sequence[int]]:
+    """The records a device scores the specialists on: all of them (`cap` 0, or no more than
+    `cap`), else each one independently with probability cap / n, decided by a keyed hash
+    of its own tokens. Adding or removing a record then changes only whether that record
+    votes, never which others do: the votes keep the L2 sensitivity 1 the ledger charges
+    (a draw of `cap` indices would not: one record more reshuffles them all). Like DP-SGD's
+    sample rate, the probability is a function of the record count the device declares."""
+    n = len(examples)
+    if not cap or n <= cap:
+        return list(examples)
+    threshold = int(cap / n * 2**64)
+    return [e for e in examples if _uniform64(key, e) < threshold]
+
+
+def _uniform64(key: bytes, record: Sequence[int]) -> int:
+    digest = hashlib.blake2b(np.asarray(record, np.int64).tobytes(), digest_size=8, key=key).digest()
+    return int.from_bytes(digest, "little")
+
+
 def votes(losses: np.ndarray) -> np.ndarray:
     """Per-specialist counts of the records (rows of `losses`, k columns) each fits best."""
     losses = np.asarray(losses, np.float64)

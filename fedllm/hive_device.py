@@ -5,6 +5,8 @@ records, choose one (privately under DP, charged), and keep the choice in its st
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 import zlib
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from fedllm import atomic
 from fedllm.config import Config
 from fedllm.errors import FedllmError
 from fedllm.evaluate import record_losses
-from fedllm.hive import MAX_K, choose, identical, unpack
+from fedllm.hive import MAX_K, choose, identical, scored, unpack
 from fedllm.model import load_adapter_state
 from fedllm.state import StateStore, _read_json, state_root
 from fedllm.untrusted import number_in
@@ -56,10 +58,13 @@ def pick(config: Config, worker, client_id: str, states, examples, private: bool
         zlib.crc32(f"{config.seed}/{server_round}/{client_id}/hive".encode()))
     if identical(states):  # a new hive: nothing to tell apart, nothing read, nothing charged
         return int(rng.integers(len(states)))
-    cap = config.hive.score_records
-    if cap and len(examples) > cap:  # indices drawn without reading the records: each still votes at most once
-        draw = np.random.default_rng(zlib.crc32(f"{config.seed}/{server_round}/{client_id}/score".encode()))
-        examples = [examples[i] for i in sorted(draw.choice(len(examples), cap, replace=False))]
+    # Under DP the subsample's key is the OS's, fresh for each choice: no server can pick the records scored.
+    key = secrets.token_bytes(16) if private else hashlib.blake2b(
+        f"{config.seed}/{server_round}/{client_id}/score".encode(), digest_size=16).digest()
+    examples = scored(examples, config.hive.score_records, key)
+    if not examples:  # no record drawn: nobody votes (under DP the noise alone decides)
+        return int(np.argmax(rng.normal(0.0, config.hive.select_noise, len(states)))) if private \
+            else int(rng.integers(len(states)))
     losses = scores(worker.model, worker.tokenizer.pad_token_id, states, examples, config.evaluate.batch_size)
     return choose(losses, config.hive.select_noise if private else None, rng)
 
@@ -94,8 +99,10 @@ def read_choice(store_dir: Path) -> dict[str, Any] | None:
 
 def kept_choice(config: Config, client_id: str) -> tuple[int, int] | None:
     """(the specialist this device last chose on its records for a hive of this size, the
-    round), or None."""
+    round), or None; under DP only a choice that was itself made under DP (and charged)."""
     kept = read_choice(StateStore(state_root(config), client_id).dir)
     if kept is None or kept["k"] != config.hive.k or kept.get("scored") is not True:
+        return None
+    if config.privacy.enabled and kept.get("private") is not True:  # a choice made in the clear was never paid for
         return None
     return (kept["specialist"], kept["round"]) if kept["specialist"] < config.hive.k else None

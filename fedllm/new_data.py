@@ -23,11 +23,11 @@ DEVICE_RUN = "device"  # the `run` of charges no server asked for
 def personalise_on_new_data(node: Mapping[str, Any]) -> str:
     """Personalise again if the data grew; returns what happened, for the daemon's log."""
     from fedllm import messages as wire
-    from fedllm.client_round import (Request, charge_or_decline, check_policy, client_data, node_local,
-                                     open_ledger)
+    from fedllm.client_round import Request, client_data, node_local
     from fedllm.data.corpus import device_client
     from fedllm.personal import load_state
     from fedllm.personal_round import update_personal
+    from fedllm.privacy import budget
     from fedllm.privacy.policy import DevicePolicy, device_config
     from fedllm.worker import worker_for
 
@@ -49,15 +49,13 @@ def personalise_on_new_data(node: Mapping[str, Any]) -> str:
     if global_state is None:
         raise FedllmError(f"{store.model_path} names a global adapter but {store.global_path} is missing")
     request = Request(int(info.get("global_round", 0)), DEVICE_RUN)
-    why, _, ledger = check_policy(config, data, DevicePolicy.from_node_config(node))
-    if why:
-        return f"not personalised: {why}"
-    if config.privacy.enabled:
-        ledger = open_ledger(config, data, ledger, request.server_round, request.run_id)
-        charge = ledger.next_charge(request.server_round, config.personal.steps, "personal", request.run_id)
-        declined = charge_or_decline(ledger, [charge], config.privacy.target_epsilon)
-        if declined:
-            return f"not personalised: {declined}"
+    spent = budget.spend(config, data.client_id, data.num_records, DevicePolicy.from_node_config(node),
+                         lambda ledger: [ledger.next_charge(request.server_round, config.personal.steps, "personal",
+                                                            request.run_id)],
+                         request.server_round, request.run_id)
+    if not spent.admitted:
+        return f"not personalised: {spent.declined}"
+    ledger = spent.ledger
     metrics = update_personal(config, worker_for(config), data, global_state, request, ledger, "new-data")
     spent = f"; epsilon {ledger.epsilon():.3f} of {ledger.target_epsilon:g}" if ledger is not None else ""
     return (f"personalised on {total - seen} new records ({total} in all, newest {len(data.heldout)} held out): "

@@ -33,10 +33,59 @@ def save_state(path: Path, state: AdapterState) -> None:
     atomic.write_bytes(path, save({k: v.contiguous() for k, v in state.items()}))
 
 
+MAX_STATE_BYTES = 4 << 30  # an adapter file larger than this is not one fedllm wrote for a model it can load
+MAX_HEADER_BYTES = 16 << 20
+
+
 def load_state(path: Path) -> AdapterState | None:
+    """The adapter tensors in a state-store file, or None when it is absent. The file is on
+    disk, so it is not trusted: its size, its header, every tensor's dtype and every value
+    are checked, and anything else is refused in one line that names the file."""
+    import json
+    import struct
+
+    from safetensors import SafetensorError
     from safetensors.torch import load
 
-    return load(Path(path).read_bytes()) if Path(path).exists() else None
+    from fedllm.errors import FedllmError
+    from fedllm.state import MOVE_ASIDE
+
+    path = Path(path)
+    if not path.exists():
+        return None
+
+    def refuse(why: str) -> FedllmError:
+        return FedllmError(f"{path}: {why}; {MOVE_ASIDE}")
+
+    try:
+        size = path.stat().st_size
+        if size > MAX_STATE_BYTES:
+            raise refuse(f"{size} bytes, over the {MAX_STATE_BYTES >> 30} GiB an adapter file may have")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise refuse(f"unreadable ({exc.strerror or exc})") from None
+    if len(data) < 8:
+        raise refuse("truncated: not a safetensors file")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if header_len > min(MAX_HEADER_BYTES, len(data) - 8):
+        raise refuse(f"its header claims {header_len} bytes, the file has {len(data) - 8}: truncated or damaged")
+    try:
+        header = json.loads(data[8:8 + header_len])
+        state = load(data)
+    except (SafetensorError, ValueError, UnicodeDecodeError, RuntimeError, OverflowError) as exc:
+        raise refuse(f"not a readable safetensors file ({str(exc)[:120]})") from None
+    if not isinstance(header, dict):
+        raise refuse("its header is not a JSON object")
+    for key, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise refuse(f"tensor {key[:80]!r} has dtype {tensor.dtype}, not a floating-point adapter tensor")
+        if tensor.ndim > 4:
+            raise refuse(f"tensor {key[:80]!r} has {tensor.ndim} dimensions, an adapter tensor has at most 4")
+        if not torch.isfinite(tensor).all():
+            raise refuse(f"tensor {key[:80]!r} holds values that are not finite (NaN or infinity)")
+    if not state:
+        raise refuse("it holds no tensor")
+    return state
 
 
 def personal_state(model) -> AdapterState:

@@ -19,7 +19,7 @@ import torch
 
 from fedllm.config import Config
 from fedllm.errors import FedllmError
-from fedllm.state import MODEL_KEYS, StateStore
+from fedllm.state import MODEL_KEYS, MOVE_ASIDE, StateStore
 
 CHOICES = ("personal", "global", "base", "hive")
 
@@ -46,7 +46,10 @@ def stored_config(store: StateStore) -> tuple[Config, dict[str, Any]]:
     if not isinstance(values, dict) or set(values) - set(MODEL_KEYS) or not isinstance(info.get("base"), str):
         raise FedllmError(f"{store.model_path}: expected 'base' and 'config' with keys {list(MODEL_KEYS)}; "
                           "move it aside (the next round writes it again)")
-    return Config.from_flat(values), info
+    try:
+        return Config.from_flat(values), info
+    except FedllmError as exc:
+        raise FedllmError(f"{store.model_path}: {exc}; move it aside (the next round writes it again)") from None
 
 
 def load_device_model(store: StateStore, which: str = "personal", device: str = "cpu",
@@ -56,7 +59,7 @@ def load_device_model(store: StateStore, which: str = "personal", device: str = 
     With a hive of specialists (hive.k > 1) `global` and `personal` use the specialist the
     device chose last on its records (hive.json), and `hive` routes: the specialist with the
     lowest loss on `prompt`, the same local score (fedllm.hive_device), alone on the base."""
-    from fedllm.model import attach_lora, load_adapter_state, load_base
+    from fedllm.model import attach_lora, load_base
     from fedllm.personal import load_state
 
     if which not in CHOICES:
@@ -76,7 +79,7 @@ def load_device_model(store: StateStore, which: str = "personal", device: str = 
     elif which == "hive":
         raise FedllmError(f"--adapter hive: {store.dir} was trained with one global adapter (hive.k=1); use "
                           "--adapter global or personal")
-    load_adapter_state(peft_model, global_state)
+    _load(peft_model, global_state, store.global_path)
     if which == "personal":
         method = (personal or {}).get("method", config.personal.method)
         state = load_state(store.personal_path(method)) if method in ("finetune", "ditto", "adapter") else None
@@ -84,12 +87,27 @@ def load_device_model(store: StateStore, which: str = "personal", device: str = 
             raise FedllmError(f"{store.dir} holds no personal adapter (personal.method={method}): run with "
                               "personal.method=finetune|adapter|ditto, or use --adapter global")
         if method == "adapter":
-            _stack(peft_model, config, state)
+            try:
+                _stack(peft_model, config, state)
+            except (FedllmError, RuntimeError, ValueError, KeyError) as exc:
+                raise FedllmError(f"{store.personal_path(method)}: does not fit the stored model ({str(exc)[:160]}); "
+                                  f"{MOVE_ASIDE}") from None
         else:
-            load_adapter_state(peft_model, state)
+            _load(peft_model, state, store.personal_path(method))
     merged = peft_model.merge_and_unload()  # merges the active adapters: default, and personal when stacked
     merged.eval()
     return DeviceModel(merged, tokenizer, which, config, info, personal, specialist)
+
+
+def _load(peft_model, state: dict, path) -> None:
+    """An adapter from the state store into the model: a file whose keys or shapes do not
+    fit the stored settings is refused, naming it."""
+    from fedllm.model import load_adapter_state
+
+    try:
+        load_adapter_state(peft_model, state)
+    except (FedllmError, RuntimeError, ValueError) as exc:
+        raise FedllmError(f"{path}: does not fit the stored model ({str(exc)[:160]}); {MOVE_ASIDE}") from None
 
 
 def _specialist(store: StateStore, config: Config, peft_model, tokenizer, packed: dict, which: str,

@@ -13,17 +13,15 @@ from __future__ import annotations
 import torch
 
 from fedllm import messages as wire
-from fedllm.client_round import (Request, Source, charge_or_decline, check_policy, client_data, client_seed,
-                                 ledger_path, open_ledger, train_round, train_steps)
+from fedllm.client_round import Request, Source, client_data, client_seed, train_round, train_steps
 from fedllm.config import Config
 from fedllm.evaluate import evaluate
 from fedllm.hive_device import specialists
 from fedllm.model import adapter_state, load_adapter_state
 from fedllm.personal import (EarlyStopping, load_state, personal_state, save_state, stacked_personal_adapter,
                              trainable_snapshot)
-from fedllm.privacy.ledger import Ledger
+from fedllm.privacy import budget
 from fedllm.privacy.policy import DevicePolicy
-from fedllm.privacy.report import client_report
 from fedllm.state import StateStore, state_root
 from fedllm.worker import examples_for, worker_for
 
@@ -98,16 +96,17 @@ def train_and_personalise(config: Config, source: Source, global_state: dict[str
     if reply.delta is None or not config.personal.every_round or config.personal.method == "none":
         return reply
     data = client_data(config, source)
-    ledger = Ledger.existing(ledger_path(config, data), data.client_id) if config.privacy.enabled else None
-    if ledger is not None:
-        charge = ledger.next_charge(request.server_round, config.personal.steps, "personal", request.run_id)
-        if charge_or_decline(ledger, [charge], config.privacy.target_epsilon):
-            return reply
+    spent = budget.spend(config, data.client_id, data.num_records, policy or DevicePolicy.from_config(config),
+                         lambda ledger: [ledger.next_charge(request.server_round, config.personal.steps, "personal",
+                                                            request.run_id)],
+                         request.server_round, request.run_id)
+    if not spent.admitted:
+        return reply
     if wire.SPECIALIST in reply.metrics:  # a hive: the personal adapter follows the specialist just trained
         global_state = specialists(config, global_state)[int(reply.metrics[wire.SPECIALIST])]
-    update_personal(config, worker_for(config), data, global_state, request, ledger, "every-round")
-    if ledger is not None:  # the report the server gets shows the personal charge too
-        reply.report = client_report(ledger, "", config.privacy.target_epsilon)
+    update_personal(config, worker_for(config), data, global_state, request, spent.ledger, "every-round")
+    if spent.report is not None:  # the report the server gets shows the personal charge too
+        reply.report = spent.report
         reply.metrics[wire.EPSILON] = reply.report["epsilon"]
     return reply
 
@@ -130,17 +129,13 @@ def personalise(config: Config, source: Source, global_state: dict[str, torch.Te
             wire.PERSONAL_DECLINED: 1.0}  # what a device that personalises nothing reports
 
     # 1. Policy and charge: both trainings are charged before either runs.
-    why, report, ledger = check_policy(config, data, policy or DevicePolicy.from_config(config))
-    if why:
-        return kept, report
-    if config.privacy.enabled:
-        ledger = open_ledger(config, data, ledger, request.server_round, request.run_id)
-    if ledger is not None:
-        charges = [ledger.next_charge(request.server_round, p.steps, kind, request.run_id)
-                   for kind in ("personal", "local-only")]
-        declined = charge_or_decline(ledger, charges, config.privacy.target_epsilon)
-        if declined:
-            return kept, client_report(ledger, declined, config.privacy.target_epsilon)
+    spent = budget.spend(config, data.client_id, data.num_records, policy or DevicePolicy.from_config(config),
+                         lambda ledger: [ledger.next_charge(request.server_round, p.steps, kind, request.run_id)
+                                         for kind in ("personal", "local-only")],
+                         request.server_round, request.run_id)
+    if not spent.admitted:
+        return kept, spent.report
+    ledger = spent.ledger
 
     # 2. The local-only baseline.
     load_adapter_state(worker.model, load_state(store.local_only_path) or worker.initial)
@@ -153,6 +148,6 @@ def personalise(config: Config, source: Source, global_state: dict[str, torch.Te
                                        heldout) or global_metrics
 
     # 4. The metrics, and the report of the charge.
-    report = client_report(ledger, "", config.privacy.target_epsilon) if ledger is not None else None
+    report = spent.report
     return {**_prefixed("personal", personal_metrics), **_prefixed("local", local_metrics),
             wire.PERSONAL_DECLINED: 0.0}, report

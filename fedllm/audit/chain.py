@@ -2,8 +2,9 @@
 docstring) without importing the code that wrote it: an auditor's own implementation.
 
     canonical(x) = json.dumps(x, sort_keys=True, separators=(",", ":"))
-    genesis      = sha256(canonical({k: ledger[k] for k in GENESIS_FIELDS}))
-    entry.hash   = sha256(canonical({k: entry[k] for k in ENTRY_FIELDS} | {"prev_hash": prev}))
+    genesis      = sha256(canonical({k: ledger[k] for k in GENESIS_FIELDS + the GENESIS_OPTIONAL present}))
+    entry.hash   = sha256(canonical({k: entry[k] for k in ENTRY_FIELDS + the ENTRY_OPTIONAL present}
+                                    | {"prev_hash": prev}))
     head         = the last entry's hash (the genesis when there is none)
 """
 
@@ -17,6 +18,9 @@ from typing import Any
 GENESIS_FIELDS = ("client_id", "num_records", "delta", "target_epsilon", "noise_multiplier", "sample_rate",
                   "max_grad_norm", "planned_steps", "accountant", "sampling", "privacy_unit")
 ENTRY_FIELDS = ("round", "noise_multiplier", "sample_rate", "steps", "kind", "run")
+# Hashed where present: a hive's choice mechanism (its ledgers only), a record-count change's count.
+GENESIS_OPTIONAL = ("planned_selections", "select_noise", "score_records")
+ENTRY_OPTIONAL = ("num_records",)
 
 
 def _sha256(value: Any) -> str:
@@ -26,7 +30,8 @@ def _sha256(value: Any) -> str:
 def problems(ledger: Mapping[str, Any]) -> list[tuple[str, str]]:
     """Every break in the chain of a ledger file or client report, as (field, what is wrong)."""
     try:
-        genesis = _sha256({k: ledger[k] for k in GENESIS_FIELDS})
+        genesis = _sha256({**{k: ledger[k] for k in GENESIS_FIELDS},
+                           **{k: ledger[k] for k in GENESIS_OPTIONAL if k in ledger}})
     except KeyError as exc:
         return [(str(exc.args[0]), "missing; the chain cannot be checked")]
     found: list[tuple[str, str]] = []
@@ -44,7 +49,8 @@ def problems(ledger: Mapping[str, Any]) -> list[tuple[str, str]]:
         if entry["prev_hash"] != prev:
             found.append((f"history[{i}]", f"prev_hash does not link to the entry before (round {entry['round']}): "
                                            "an entry was deleted, inserted or reordered here"))
-        if _sha256({**{k: entry[k] for k in ENTRY_FIELDS}, "prev_hash": entry["prev_hash"]}) != entry["hash"]:
+        hashed = {k: entry[k] for k in (*ENTRY_FIELDS, *ENTRY_OPTIONAL) if k in entry}
+        if _sha256({**hashed, "prev_hash": entry["prev_hash"]}) != entry["hash"]:
             found.append((f"history[{i}]", f"contents do not match its hash (round {entry['round']}): "
                                            "an entry was edited"))
         prev = entry["hash"]

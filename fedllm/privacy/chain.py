@@ -3,8 +3,9 @@
 The rule is short enough for an auditor to re-implement without this code:
 
     canonical(x) = json.dumps(x, sort_keys=True, separators=(",", ":"))
-    genesis      = sha256(canonical({k: ledger[k] for k in GENESIS_FIELDS}))
-    entry.hash   = sha256(canonical({k: entry[k] for k in ENTRY_FIELDS} | {"prev_hash": prev}))
+    genesis      = sha256(canonical({k: ledger[k] for k in GENESIS_FIELDS + the GENESIS_OPTIONAL present}))
+    entry.hash   = sha256(canonical({k: entry[k] for k in ENTRY_FIELDS + the ENTRY_OPTIONAL present}
+                                    | {"prev_hash": prev}))
 
 where `prev` is the genesis hash for the first entry and the previous entry's hash after
 that; the ledger's `head` is the last hash (the genesis when there is no entry). Editing
@@ -23,6 +24,9 @@ from typing import Any
 GENESIS_FIELDS = ("client_id", "num_records", "delta", "target_epsilon", "noise_multiplier", "sample_rate",
                   "max_grad_norm", "planned_steps", "accountant", "sampling", "privacy_unit")
 ENTRY_FIELDS = ("round", "noise_multiplier", "sample_rate", "steps", "kind", "run")
+# Hashed where present: a hive's choice mechanism (its ledgers only), a record-count change's count.
+GENESIS_OPTIONAL = ("planned_selections", "select_noise", "score_records")
+ENTRY_OPTIONAL = ("num_records",)
 
 
 def _sha256(value: Any) -> str:
@@ -30,11 +34,16 @@ def _sha256(value: Any) -> str:
 
 
 def genesis_hash(header: Mapping[str, Any]) -> str:
-    return _sha256({k: header[k] for k in GENESIS_FIELDS})
+    return _sha256({**{k: header[k] for k in GENESIS_FIELDS},
+                    **{k: header[k] for k in GENESIS_OPTIONAL if k in header}})
 
 
 def entry_hash(entry: Mapping[str, Any], prev_hash: str) -> str:
-    return _sha256({**{k: entry[k] for k in ENTRY_FIELDS}, "prev_hash": prev_hash})
+    return _sha256({**_entry(entry), "prev_hash": prev_hash})
+
+
+def _entry(entry: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: entry[k] for k in (*ENTRY_FIELDS, *ENTRY_OPTIONAL) if k in entry}
 
 
 def link(header: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
@@ -43,7 +52,7 @@ def link(header: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]) -> tup
     chained = []
     for entry in entries:
         h = entry_hash(entry, prev)
-        chained.append({**{k: entry[k] for k in ENTRY_FIELDS}, "prev_hash": prev, "hash": h})
+        chained.append({**_entry(entry), "prev_hash": prev, "hash": h})
         prev = h
     return genesis, chained
 

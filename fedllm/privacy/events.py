@@ -24,11 +24,16 @@ class Charge:
     # or "records": zero steps, the device's record count changed and later charges sample at this rate,
     # or "select": a hive's private choice of specialist, one unsampled Gaussian release (fedllm.hive)
     run: str = ""  # the server's run id: a state store outlives runs, round numbers do not
+    num_records: int = 0  # "records" entries: the new record count the rate was computed from
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if not d["num_records"]:  # only a record-count change carries it: every other entry is as before
+            del d["num_records"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Charge":
         return cls(round=int(d["round"]), noise_multiplier=float(d["noise_multiplier"]),
-                   sample_rate=float(d["sample_rate"]), steps=int(d["steps"]), kind=str(d.get("kind", "train")), run=str(d.get("run", "")))
+                   sample_rate=float(d["sample_rate"]), steps=int(d["steps"]), kind=str(d.get("kind", "train")), run=str(d.get("run", "")),
+                   num_records=int(d.get("num_records", 0)))

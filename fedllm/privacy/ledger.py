@@ -59,12 +59,13 @@ class Ledger:
     versions: dict[str, str] = field(default_factory=library_versions)
     planned_selections: int = 0  # a hive's private choices the noise was calibrated beside (fedllm.hive)
     select_noise: float = 0.0  # their noise multiplier
+    score_records: int = 0  # hive.score-records: each record scored with probability min(1, this / n); 0: all
 
     # -- lifecycle -------------------------------------------------------------------
     @classmethod
     def open(cls, path: Path, *, client_id: str, num_records: int, delta: float, target_epsilon: float,
              sample_rate: float, max_grad_norm: float, planned_steps: int, accountant: str,
-             planned_selections: int = 0, select_noise: float = 0.0) -> "Ledger":
+             planned_selections: int = 0, select_noise: float = 0.0, score_records: int = 0) -> "Ledger":
         """Load the client's ledger, or create it (calibrating the noise) on first use.
         `planned_selections` private choices at `select_noise` are planned beside the steps."""
         path = Path(path)
@@ -78,7 +79,8 @@ class Ledger:
         sigma = calibrate(target_epsilon, delta, sample_rate, planned_steps, accountant, fixed=fixed)
         ledger = cls(path, client_id, num_records, delta, target_epsilon, sigma, sample_rate, max_grad_norm,
                      planned_steps, accountant, planned_selections=planned_selections,
-                     select_noise=select_noise if planned_selections else 0.0)
+                     select_noise=select_noise if planned_selections else 0.0,
+                     score_records=score_records if planned_selections else 0)
         ledger.save()
         return ledger
 
@@ -103,6 +105,7 @@ class Ledger:
                 float(d["noise_multiplier"]), float(d["sample_rate"]), float(d["max_grad_norm"]),
                 int(d["planned_steps"]), d["accountant"], [Charge.from_dict(c) for c in d["history"]],
                 dict(d["versions"]), int(d.get("planned_selections", 0)), float(d.get("select_noise", 0.0)),
+                int(d.get("score_records", 0)),
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LedgerError(f"privacy ledger {path} is unreadable ({exc}); {advice}") from exc
@@ -135,7 +138,8 @@ class Ledger:
             "versions": self.versions,
         }
         if self.planned_selections:  # only a hive's ledger: every other ledger's bytes (and chain) stay as they were
-            header.update(planned_selections=self.planned_selections, select_noise=self.select_noise)
+            header.update(planned_selections=self.planned_selections, select_noise=self.select_noise,
+                          score_records=self.score_records)
         genesis, history = chain.link(header, [c.to_dict() for c in self.history])
         return {**header, "genesis": genesis, "history": history, "head": history[-1]["hash"] if history else genesis}
 
@@ -171,7 +175,7 @@ class Ledger:
             raise LedgerError(f"privacy.delta={self.delta} is not below 1/n for {num_records} records")
         if abs(sample_rate - self.current_sample_rate) <= 1e-12:
             return False
-        self.charge([Charge(server_round, self.noise_multiplier, sample_rate, 0, RECORDS, run)])
+        self.charge([Charge(server_round, self.noise_multiplier, sample_rate, 0, RECORDS, run, num_records)])
         return True
 
     def selection_charge(self, server_round: int, noise: float, run: str = "") -> Charge:

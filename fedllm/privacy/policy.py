@@ -28,7 +28,8 @@ LOCAL_PREFIXES = ("run-dir", "model.name", "model.cache-dir", "model.dtype", "de
                   "simulation.")
 # In a simulation the run's config pins these: each changes the DP-SGD mechanism (sample
 # rate, clip, accountant, or the steps the noise multiplier is calibrated for).
-MECHANISM_KEYS = ("train.batch-size", "privacy.max-grad-norm", "privacy.accountant", "local-steps")
+MECHANISM_KEYS = ("train.batch-size", "privacy.max-grad-norm", "privacy.accountant", "local-steps",
+                  "hive.select-noise", "hive.score-records")
 MAX_TARGET_EPSILON = 100.0  # beyond this a "guarantee" means nothing; calibration also slows without bound
 
 
@@ -142,4 +143,11 @@ def _ledger_mismatch(ledger, request: Config, num_records: int | None, sample_ra
         why.append(f"privacy.delta={p.delta:g} differs from the ledger's {ledger.delta:g}")
     if p.target_epsilon > ledger.target_epsilon:
         why.append(f"privacy.target-epsilon={p.target_epsilon:g} exceeds the ledger's {ledger.target_epsilon:g}")
+    if ledger.planned_selections and request.hive.k > 1:  # a hive's choice: its noise and subsample are pinned too
+        if request.hive.select_noise != ledger.select_noise:
+            why.append(f"hive.select-noise={request.hive.select_noise:g} differs from the ledger's "
+                       f"{ledger.select_noise:g}")
+        if request.hive.score_records != ledger.score_records:
+            why.append(f"hive.score-records={request.hive.score_records} differs from the ledger's "
+                       f"{ledger.score_records}")
     return why

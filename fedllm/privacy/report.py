@@ -9,13 +9,16 @@ from typing import Any
 
 from fedllm.privacy import chain
 from fedllm.privacy.ledger import Ledger
+from fedllm.privacy.signing import sign
 from fedllm.untrusted import MAX_TEXT, number_in, say
 
 MAX_REPORT_BYTES = 4 << 20
 
 MECHANISM = "DP-SGD: Poisson-subsampled Gaussian mechanism on clipped per-record gradients of LoRA parameters"
 SELECTION = ("; a hive's choice of specialist (history kind 'select'): report-noisy-max on per-record votes "
-             "(L2 sensitivity 1) with Gaussian noise of std noise_multiplier, one unsampled release (sample rate 1)")
+             "(L2 sensitivity 1: with score_records > 0 each record is scored or not independently, with "
+             "probability min(1, score_records / num_records)) with Gaussian noise of std noise_multiplier, one "
+             "unsampled release (sample rate 1)")
 COVERS = ("the adapter updates sent to the server and everything computed from them (global adapters, "
           "checkpoints); not the plain metrics a client also sends: its record count, mean training loss and "
           "held-out metrics")
@@ -33,7 +36,7 @@ def client_report(ledger: Ledger, declined: str = "", requested_target: float | 
         "declined": declined,
         "target_epsilon_applied": applied,
     })
-    return report
+    return sign(report, ledger.path.parent)  # the device's own key: a re-linked chain cannot carry it
 
 
 def summarize(reports: dict[str, dict[str, Any]], declined: dict[str, list[int]]) -> dict[str, Any]:
@@ -65,12 +68,16 @@ OPTIONAL_REPORT_FIELDS: dict[str, tuple] = {
     "max_participations_per_day": (int, 1, 10**6),  # the device's own cap (fedllm client), when it set one
     "planned_selections": (int, 1, 10**9),  # a hive's ledger: private choices planned beside the steps
     "select_noise": (float, 0.0, 1e6),
+    "score_records": (int, 0, 10**6),  # a hive's ledger: records scored per choice (0: all), each independently
+    "signature": (str,),  # the device's Ed25519 signature of the report's head (fedllm.privacy.signing)
+    "signing_key": (str,),  # the public half it was made with: which key to expect, not a reason to trust it
 }
 ENTRY_FIELDS: dict[str, tuple] = {
     "round": (int, 0, 10**9), "noise_multiplier": (float, 0.0, 1e6), "sample_rate": (float, 0.0, 1.0),
     "steps": (int, 0, 10**9), "kind": (str, ("train", "personal", "local-only", "records", "select")), "run": (str,),
     "prev_hash": (str,), "hash": (str,),
 }
+ENTRY_OPTIONAL: dict[str, tuple] = {"num_records": (int, 1, 2**31)}  # a record-count change's new count
 MAX_HISTORY = 100_000
 
 
@@ -121,9 +128,9 @@ def check_report(text: Any, client_id: str) -> tuple[dict[str, Any] | None, str]
     if len(history) > MAX_HISTORY:
         return None, f"epsilon report history has over {MAX_HISTORY} entries"
     for i, entry in enumerate(history):
-        if not isinstance(entry, dict) or set(entry) != set(ENTRY_FIELDS):
+        if not isinstance(entry, dict) or not set(ENTRY_FIELDS) <= set(entry) <= set(ENTRY_FIELDS) | set(ENTRY_OPTIONAL):
             return None, f"epsilon report history[{i}]: not an entry with fields {sorted(ENTRY_FIELDS)}"
-        bad = [n for n, spec in ENTRY_FIELDS.items() if not _field_ok(entry[n], spec)]
+        bad = [n for n, spec in {**ENTRY_FIELDS, **ENTRY_OPTIONAL}.items() if n in entry and not _field_ok(entry[n], spec)]
         if bad:
             return None, f"epsilon report history[{i}]: bad {bad[:3]}"
     if not all(isinstance(v, str) and isinstance(k, str) and len(v) < 200 for k, v in report["versions"].items()):

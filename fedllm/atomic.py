@@ -35,7 +35,15 @@ def append_line(path: Path, value: Any) -> None:
     """Append one JSON object as a line and fsync (metrics.jsonl style logs)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as handle:
+    with open_private(path, "a") as handle:
         handle.write(json.dumps(value, sort_keys=True) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def open_private(path: Path, mode: str = "a"):
+    """Open for appending (`"a"`, text; `"ab"`, bytes), created 0600 like every other file
+    of a run directory or state store (they name clients and their records' effects)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.chmod(path, 0o600)  # a file made 0644 by an older version is narrowed too
+    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))

@@ -259,8 +259,12 @@ class HiveConfig:
     method: str = _key("ifca", *_one_of("ifca"),
                        doc="ifca: each device trains the specialist with the lowest loss on its training records")
     score_records: int = _key(0, *_in(0, 10**6),
-                              doc="> 0: a device scores the specialists on at most this many of its training "
-                                  "records (a seeded draw that reads no data: cost, not privacy); 0: all of them")
+                              doc="> 0: a device scores the specialists on about this many of its training "
+                                  "records (each kept with probability cap/n by a keyed hash of its own tokens, so "
+                                  "one record changes only its own vote); 0: all of them")
+    min_choosers: int = _key(2, *_in(1, 10**6),
+                             doc="a specialist moves in a round only when at least this many devices trained it: "
+                                 "a lone chooser would be its whole update (1: no minimum)")
     select_noise: float = _key(5.0, *_in(0.1, 1e4, "a number"),
                                doc="under DP: std of the Gaussian noise on the per-record votes of a device's "
                                    "choice (report-noisy-max, charged as a Gaussian release of this multiplier)")

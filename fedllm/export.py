@@ -26,7 +26,7 @@ import torch
 from fedllm import atomic
 from fedllm.errors import FedllmError
 from fedllm.personal_model import DeviceModel, generate, load_device_model
-from fedllm.state import StateStore
+from fedllm.state import MOVE_ASIDE, StateStore
 
 FORMATS = ("hf", "onnx", "gguf")
 ONNX_TOLERANCE = 1e-3  # max |logit difference| onnxruntime vs PyTorch, float32 on CPU
@@ -59,6 +59,7 @@ def export(store: StateStore, out: Path, fmt: str = "hf", which: str = "personal
     if out.exists() and any(out.iterdir()):
         raise FedllmError(f"--out {out} is not empty: give a new folder (nothing was overwritten)")
     device_model = load_device_model(store, which)
+    _check_finite(device_model, store)
     out.mkdir(parents=True, exist_ok=True)
     device_model.tokenizer.save_pretrained(out)
     if fmt == "hf":
@@ -69,6 +70,14 @@ def export(store: StateStore, out: Path, fmt: str = "hf", which: str = "personal
     atomic.write_json(out / "export.json", _provenance(store, device_model, fmt))
     result.bytes_on_disk = _size(out)
     return result
+
+
+def _check_finite(device_model: DeviceModel, store: StateStore) -> None:
+    """An adapter with a NaN or inf weight gives NaN logits on every prompt: never ship it as verified."""
+    for name, tensor in device_model.model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise FedllmError(f"the merged model's {name} holds non-finite values (from the adapters in {store.dir}): "
+                              f"nothing was exported; {MOVE_ASIDE}")
 
 
 def _provenance(store: StateStore, device_model: DeviceModel, fmt: str) -> dict[str, Any]:

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import io
 import statistics
 from pathlib import Path
 from typing import Any
 
+from fedllm import atomic
 from fedllm.rundir import RunDir
 
 
@@ -31,7 +33,7 @@ def plot_rounds(run: RunDir) -> Path | None:
     right.set(xlabel="round", ylabel="train loss (mean over clients)", title="local training")
     fig.tight_layout()
     path = run.plot_file("metrics")
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -58,7 +60,7 @@ def plot_personalisation(run: RunDir) -> Path | None:
     ax.legend()
     fig.tight_layout()
     path = run.plot_file("personalisation")
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -207,3 +209,9 @@ def hive_lines(h: dict) -> list[str]:
                  + (f"; each upload carries {h['upload_adapters_per_device']} adapter slots (secure)"
                     if h.get("upload_adapters_per_device", 1) > 1 else ""))
     return lines
+
+
+def _save(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=100, format="png")
+    atomic.write_bytes(path, buffer.getvalue())  # 0600, like the rest of the run directory

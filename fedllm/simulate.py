@@ -25,6 +25,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from fedllm import atomic
 from fedllm.config import Config, load_toml
 from fedllm.device_requests import DEVICE_CONFIG_ENV  # a simulated device's own config: its policy, its paths
 from fedllm.deploy.processes import environment, stop, toml_table, toml_value, wait_for_port, write_connection
@@ -185,7 +186,7 @@ def simulate(config: Config, run_dir: Path, client_app: str | None = None, serve
     federation = [f"{k}={toml_value(v)}" for k, v in federation_config(config).items()]
     log = run.log_file
     superlink = launched = None
-    with open(log, "ab") as handle:
+    with atomic.open_private(log, "ab") as handle:
         try:
             superlink = subprocess.Popen(
                 ["flower-superlink", "--simulation", "--insecure", "--host", "127.0.0.1", "--port", str(port),

@@ -36,8 +36,24 @@ MOVE_ASIDE = ("move it aside (the device writes it again: the global adapter at 
 
 
 def safe_name(client_id: str) -> str:
-    """A client id as a file or folder name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", client_id)
+    """A client id as a file or folder name; never one that is (or climbs above) its folder."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", client_id)
+    if name in ("", ".", ".."):
+        raise FedllmError(f"client id {client_id!r} names no folder of its own (its state store would be the "
+                          "state root or above it): give the client a name with a letter or digit")
+    return name
+
+
+def check_client_ids(client_ids) -> None:
+    """Refuse ids that would share a state store or a report file once sanitised (`a b`, `a*b`
+    and `a_b` are all `a_b`): one device's ledger would be charged for another's releases."""
+    seen: dict[str, str] = {}
+    for client_id in client_ids:
+        name = safe_name(client_id)
+        if name in seen and seen[name] != client_id:
+            raise FedllmError(f"client ids {seen[name]!r} and {client_id!r} both become {name!r} as file names, "
+                              "so they would share one state store and ledger: rename one of them")
+        seen[name] = client_id
 
 
 class StateStore:

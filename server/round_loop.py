@@ -111,9 +111,17 @@ class Server:
         sums = hive.unpack(collected.secure_sum, self.k) if collected.secure_sum is not None else [None] * self.k
         # a secure count is a sum of masked one-hots: below one half, nobody (honest) chose it
         counts = [c if c >= 0.5 else 0.0 for c in (collected.counts or [0.0] * self.k)]
+        chosen = [[c for c in collected.contributions if c.specialist == j] for j in range(self.k)]
+        # below hive.min-choosers a specialist stays: one device alone would be its whole update
+        least = self.config.hive.min_choosers
+        enough = [round(counts[j]) >= least for j in range(self.k)]
+        held = [j for j in range(self.k) if not enough[j] and counts[j]]
+        if held:
+            collected.record.setdefault("hive", {})["held"] = held
+            log.info("specialists %s had fewer than hive.min-choosers=%d choosers; they stay", held, least)
         updates = [aggregate.round_update(
-            plan, self.spec.shapes, [c for c in collected.contributions if c.specialist == j], sums[j], counts[j],
-            self.noise, collected.running_by[j] if collected.running_by else None) for j in range(self.k)]
+            plan, self.spec.shapes, chosen[j], sums[j], counts[j], self.noise,
+            collected.running_by[j] if collected.running_by else None) if enough[j] else None for j in range(self.k)]
         return updates if any(u is not None for u in updates) else None
 
     def apply(self, server_round: int, update: aggregate.Delta | list[aggregate.Delta | None]) -> None:

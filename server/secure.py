@@ -9,7 +9,8 @@ chose and hands back what it aggregated. The cryptography is all Flower's.
 
 Every contributing client is weighted 1 (`max_weight` 1; a decline 0 unless user-level DP
 counts it): the workflow returns the mean over the weight, and this module hands back the
-sum (`mean * weight`), which is what the protocol hides each delta in.
+sum (`mean * weight`, the weight counted from the plain replies), which is what the
+protocol hides each delta in, once `server.secure_check` finds it possible.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from fedllm import secure_metrics
 from fedllm.config import Config
 from fedllm.secure_metrics import clipping_range
 from server import transport
+from server.secure_check import aggregate_problem
 
 log = logging.getLogger("fedllm.server")
 KEYS_FIELD = wire.ADAPTER_KEYS
@@ -121,9 +123,10 @@ def _content_bytes(content: RecordDict) -> int:
 
 @dataclass
 class SecureRound:
-    """What a SecAgg+ round gave the server: `total`, the protocol's mean times the number
-    of results (the sum under user-level DP; None when the protocol halted), that number,
-    and each contributor's plain metrics."""
+    """What a SecAgg+ round gave the server: `total`, the sum of the deltas (None when the
+    protocol halted or the sum was refused, `error` says why), `contributors`, the honest
+    weight it was summed over (the devices that trained; every result under user-level
+    DP), and each contributor's plain metrics."""
 
     total: dict[str, np.ndarray] | None
     replies: dict[int, dict[str, Any]]  # node -> FitRes plain fields (client id, declined, report)
@@ -173,17 +176,23 @@ def secure_round(grid: Grid, config: Config, server_round: int, nodes: list[int]
     if handoff.mean is None:
         result.error = "secure aggregation halted (too few clients left to unmask; see Flower's log)"
     elif len(handoff.mean) == len(keys) + 1 and all(np.isfinite(a).all() for a in handoff.mean):
-        # Counted here, not taken from a FitRes's num_examples (a client's plain claim).
-        # Under user-level DP every result weighs 1 (declines included), so this is the sum;
-        # otherwise only total / contributors, the protocol's mean, is used.
-        result.contributors = len(handoff.results)
-        result.total = {k: np.asarray(a, np.float64) * result.contributors for k, a in zip(keys, handoff.mean)}
-        try:  # the last tensor: the training metrics' sums (fedllm.secure_metrics)
-            result.metric_sums = secure_metrics.decode(np.asarray(handoff.mean[-1], np.float64) * result.contributors,
-                                                       clipping_range(config), config.hive.k)
-        except ValueError as exc:
-            result.metric_sums = {}
-            log.warning("round %d: %s", server_round, exc)
+        # The protocol divides by the weights the devices sent; honest ones send 1 for a
+        # delta and 0 for a decline (1 under user-level DP: every sampled client counts).
+        # Counted here from the plain replies, not taken from a client's claim.
+        trained = sum(1 for m in result.replies.values() if not m.get(wire.DECLINED))
+        weight = len(handoff.results) if config.user_dp.enabled else trained
+        sums = {k: np.asarray(a, np.float64) * weight for k, a in zip(keys, handoff.mean)}
+        metric_sum = np.asarray(handoff.mean[-1], np.float64) * weight
+        c = clipping_range(config)
+        why = aggregate_problem(sums, metric_sum, clip_range=c, bits=config.secagg.quantization_bits,
+                                results=len(handoff.results), trained=trained, k=config.hive.k,
+                                user_clip=config.user_dp.clip if config.user_dp.enabled else None)
+        if why:
+            log.warning("round %d: secure aggregate refused: %s", server_round, why)
+            result.error = f"the unmasked sum is not one honest devices can produce, so the round is refused: {why}"
+            return result
+        result.contributors, result.total = weight, sums
+        result.metric_sums = secure_metrics.decode(metric_sum, c, config.hive.k)
     else:
         result.error = (f"the unmasked aggregate has {len(handoff.mean)} tensors for {len(keys)} adapter tensors and "
                         "the metrics, or is not finite (every contributor declined?)")

@@ -217,7 +217,8 @@ def hive_server(tiny_llama, tmp_path):
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     config = Config.from_flat({"model.name": str(tiny_llama), "num-clients": 4, "clients-per-round": 2, "hive.k": 3,
-                               "strategy.name": "fedadam", "lora.r": 2, "privacy.enabled": False})
+                               "strategy.name": "fedadam", "lora.r": 2, "privacy.enabled": False,
+                               "hive.min-choosers": 1})
     return Server(None, config, tmp_path / "run")
 
 
@@ -250,6 +251,13 @@ def test_each_specialist_is_aggregated_from_its_choosers_alone(hive_server):
     server.config = server.config.with_values({"secagg.enabled": True, "clients-per-round": 3})
     secure = server.update(Collected({}, secure_sum=total, contributors=4, counts=[3.0, 0.0, 1.0]))
     assert np.allclose(next(iter(secure[0].values())), 2.0) and secure[1] is None
+    # with hive.min-choosers 2 the lone chooser of specialist 2 moves nothing; it is said in the record
+    server.config = server.config.with_values({"hive.min-choosers": 2})
+    collected = Collected({}, running_by=running, contributors=3, counts=[2.0, 0.0, 1.0])
+    held = server.update(collected)
+    assert held[1] is None and held[2] is None and all(np.allclose(v, 3.5) for v in held[0].values())
+    assert collected.record["hive"]["held"] == [2]
+    assert Config.from_flat({}).hive.min_choosers == 2  # the default: no device is a specialist's whole update
 
 
 def test_checkpoints_hold_every_specialist_and_resume_restores_them(hive_server):
@@ -360,7 +368,7 @@ def test_secure_hive_shows_the_server_no_device_choice(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     config = load_experiment(TINY, {"num-clients": 6, "clients-per-round": 6, "privacy.enabled": False,
                                     "evaluate.num-clients": 2, "secagg.enabled": True, "hive.k": 2,
-                                    "data.corpus": "mixed"})
+                                    "data.corpus": "mixed", "hive.min-choosers": 1})
     simulate(config, run_dir, client_app="secure_client:app")
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     for r in (1, 2):

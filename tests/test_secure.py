@@ -11,6 +11,7 @@ import torch
 
 from conftest import TINY
 from fedllm import messages as wire
+from fedllm import secure_metrics
 from fedllm.config import Config
 from fedllm.data import load_clients
 from fedllm.errors import ConfigError
@@ -195,3 +196,59 @@ def test_noise_of_a_larger_cohort_is_said_plainly_and_audits(tmp_path):
     assert not [f for f in audit.failures if f.client == "user-level"], audit.failures
     run.write_user_level({**report, "noise_cohort_size": 0})  # the unscaled claim no longer matches the noise added
     assert "noise" in {f.check for f in audit_path(run.path).failures if f.client == "user-level"}
+
+
+def test_a_hostile_device_under_the_mask_gets_its_round_refused(tmp_path, cache_dir):
+    """One device of four adds 2**31 under its mask in round 1 and forges the hive counts in
+    round 2 (tests/hostile_secure_client.py, outside Flower's mod): both rounds are refused
+    with a reason and leave the global adapter; the honest round 3 moves it."""
+    from fedllm.simulate import load_experiment, simulate
+
+    run_dir = tmp_path / "run"
+    config = load_experiment(TINY, {"num-clients": 4, "clients-per-round": 4, "num-server-rounds": 3,
+                                    "privacy.enabled": False, "evaluate.num-clients": 2, "evaluate.every": 3,
+                                    "secagg.enabled": True, "hive.k": 2, "hive.min-choosers": 1})
+    simulate(config, run_dir, client_app="hostile_secure_client:app")
+    rounds = {r["round"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    state = {r: load_state(run_dir / "checkpoints" / f"round-{r}" / "global.safetensors") for r in (0, 1, 2, 3)}
+
+    def same(a, b):
+        return all(torch.equal(state[a][k], state[b][k]) for k in state[a])
+
+    assert "beyond what" in rounds[1]["train"]["secagg"]["error"] and same(0, 1)
+    assert "chose-0" in rounds[2]["train"]["secagg"]["error"] and same(1, 2)
+    assert "error" not in rounds[3]["train"]["secagg"] and not same(2, 3)
+    assert rounds[1]["train"]["clients"] == [] and len(rounds[3]["train"]["clients"]) == 4
+
+
+def test_the_sum_check_refuses_what_honest_devices_cannot_produce():
+    from server.secure_check import aggregate_problem
+
+    c, bits = 8.0, 22
+    spec = len(secure_metrics.fields(2))
+    ones = np.zeros(spec)
+    ones[0] = 3 * c  # three trained
+    ones[4], ones[5] = 2 * c, 1 * c  # chose-0: 2, chose-1: 1
+    sums = {"hive-0/a": np.full(4, 0.1), "hive-1/a": np.full(4, -0.05)}
+    kw = dict(clip_range=c, bits=bits, results=4, trained=3, k=2)
+    assert aggregate_problem(sums, ones, **kw) == ""
+    assert "beyond what 1" in aggregate_problem({**sums, "hive-1/a": np.full(4, 9.0)}, ones, **kw)
+    zero_count = ones.copy()
+    zero_count[4], zero_count[5] = 3 * c, 0.0
+    assert "beyond what 0" in aggregate_problem(sums, zero_count, **kw)  # a chosen slot's update cannot be discarded
+    forged = ones.copy()
+    forged[4] += 3 * c
+    assert "outside [0, 3]" in aggregate_problem(sums, forged, **kw)
+    forged[4] = ones[4] + c  # in range, but 4 choices from 3 devices
+    assert "add up to" in aggregate_problem(sums, forged, **kw)
+    half = ones.copy()
+    half[5] += 0.5 * c
+    assert "whole number" in aggregate_problem(sums, half, **kw)
+    assert "devices trained" in aggregate_problem(sums, np.r_[2 * c, ones[1:]], **kw)
+    assert "outside" in aggregate_problem(sums, np.r_[ones[:1], -c, ones[2:]], **kw)
+    one = {"a": np.full(100, 0.0009)}  # L2 0.009 from 1 device at user-dp.clip 0.01: fine; 0.05: not
+    metrics1 = np.zeros(len(secure_metrics.fields(1)))
+    metrics1[0] = 0.01  # one trained device, at clipping range 0.01
+    args = dict(clip_range=0.01, bits=bits, results=2, trained=1, user_clip=0.01)
+    assert aggregate_problem(one, metrics1, **args) == ""
+    assert "L2 norm" in aggregate_problem({"a": np.full(100, 0.005)}, metrics1, **args)

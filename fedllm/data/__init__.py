@@ -7,12 +7,22 @@ from pathlib import Path
 
 from fedllm.data.corpus import (ClientData, clients_from_code, clients_from_folder, clients_from_plays, embedded_split,
                                 select_clients)
-from fedllm.errors import ConfigError
+from fedllm.errors import ConfigError, DataError, FedllmError
+from fedllm.state import check_client_ids
 
 
 @lru_cache(maxsize=4)
 def _eligible(d, num_clients: int) -> tuple[ClientData, ...]:
     """Every client `d` (a frozen `DataConfig`) yields with at least `data.min-records` records."""
+    clients = _found(d, num_clients)
+    try:
+        check_client_ids(c.client_id for c in clients)
+    except FedllmError as e:
+        raise DataError(f"{d.path or 'the embedded corpus'}: {e}") from None
+    return clients
+
+
+def _found(d, num_clients: int) -> tuple[ClientData, ...]:
     from fedllm.data import partitioned
 
     if d.path and partitioned.is_dataset_file(d.path):

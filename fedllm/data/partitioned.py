@@ -75,8 +75,17 @@ def partition_clients(ds, data: Any, num_clients: int, prefix: str) -> list[Clie
     names = _natural_ids(partitioner) if data.partitioner == "natural" else None
     width = len(str(partitioner.num_partitions - 1))
     clients = []
+    if data.partitioner == "iid" and partitioner.num_partitions > len(ds):
+        raise DataError(f"data.partitioner=iid deals {len(ds)} records into {partitioner.num_partitions} partitions: "
+                        "lower data.num-partitions (or num-clients) to at most the record count")
     for i in range(partitioner.num_partitions):
-        texts = [t.strip() for t in partitioner.load_partition(i)[data.text_column] if isinstance(t, str) and t.strip()]
+        try:
+            partition = partitioner.load_partition(i)
+        except (IndexError, ValueError) as e:
+            raise DataError(f"data.partitioner={data.partitioner} could not deal partition {i} of "
+                            f"{partitioner.num_partitions} from {len(ds)} records ({e}): lower data.num-partitions "
+                            "or give more records") from None
+        texts = [t.strip() for t in partition[data.text_column] if isinstance(t, str) and t.strip()]
         if len(texts) < data.min_records:
             continue
         train, heldout = holdout_split(texts, data.holdout_fraction)

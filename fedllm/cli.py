@@ -3,7 +3,7 @@
     fedllm simulate [--config FILE] [--set KEY=VALUE ...] [--run-dir DIR]
     fedllm base build [--config FILE] [--set KEY=VALUE ...]
     fedllm base shape NAME --out DIR [--set KEY=VALUE ...]
-    fedllm audit RUN_DIR | STATE_STORE [--tolerance T] [--state-dir DIR] [--out DIR]
+    fedllm audit RUN_DIR | STATE_STORE [--tolerance T] [--state-dir DIR] [--keys FILE] [--out DIR]
     fedllm audit canary [--config FILE] [--set KEY=VALUE ...] --run-dir DIR [--canaries M] [--guesses R]
     fedllm certs DIR [--nodes N] [--host HOST ...]
     fedllm server --certs DIR | --ca-cert F --cert F --key F  --nodes DIR --run-dir DIR [--config FILE] [--set ...]
@@ -14,6 +14,7 @@
                   [--personalise-on-new-data] [--train-window HH:MM-HH:MM] [--require-ac-power]
                   [--max-threads N] [--max-participations-per-day N] [--max-restarts N] [--backoff-max S]
     fedllm client status --state-dir DIR [--client-id ID]
+    fedllm client key --state-dir DIR [--client-id ID]
     fedllm generate --state-dir DIR [--client-id ID] [--adapter personal|global|base|hive] [--prompt TEXT | -]
                     [--max-new-tokens N] [--temperature T] [--seed S]
     fedllm export --state-dir DIR [--client-id ID] --out OUT [--format hf|onnx|gguf] [--adapter ...]
@@ -100,7 +101,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     if not 0 <= args.tolerance < 1:
         raise FedllmError(f"--tolerance={args.tolerance}: give a relative tolerance in [0, 1), e.g. 0.01")
-    audit = audit_path(args.path, args.tolerance, args.state_dir)
+    from fedllm.audit.trust import read_keys
+
+    keys = read_keys(args.keys) if args.keys else None
+    audit = audit_path(args.path, args.tolerance, args.state_dir, keys)
     out = args.out or (args.path if args.path.is_dir() else args.path.parent) / "audit"
     written = write_reports(audit, out)
     print(table(audit))
@@ -196,6 +200,17 @@ def cmd_client_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_client_key(args: argparse.Namespace) -> int:
+    import json
+
+    from fedllm.privacy.signing import device_key, public_hex
+    from fedllm.state import find_store
+
+    store = find_store(args.state_dir, args.client_id)
+    print(json.dumps({store.client_id: public_hex(device_key(store.dir))}))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from fedllm.personal_model import generate, load_device_model
     from fedllm.state import find_store
@@ -276,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--state-dir", type=Path, help="the devices' state store, to compare their ledgers with the "
                                                       "server's copies (default: the run's privacy.state-dir or "
                                                       "RUN_DIR/clients when present)")
+    audit.add_argument("--keys", type=Path, help="a JSON object client id -> public key (what `fedllm client key` "
+                       "printed on each device): every report's signature is verified against it (default: the "
+                       "signing.pub in each device's state store)")
     audit.add_argument("--out", type=Path, help="where to write the report (default: PATH/audit)")
     audit.set_defaults(func=cmd_audit)
 
@@ -381,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_args(status)
     status.set_defaults(func=cmd_client_status)
 
+    key = sub.add_parser("client-key", help=argparse.SUPPRESS, prog="fedllm client key",
+                         description="The public half of the device's report-signing key (made on first use), "
+                                     "as JSON {client id: key}: what its operator gives `fedllm audit --keys`.")
+    _add_store_args(key)
+    key.set_defaults(func=cmd_client_key)
+
     gen = sub.add_parser("generate", help="generate text on this device from its own model (nothing is fetched)")
     _add_store_args(gen)
     _add_adapter_arg(gen)
@@ -408,8 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["audit", "canary"]:  # a sub-command of `audit`, whose first argument is otherwise a path
         argv = ["audit-canary", *argv[2:]]
-    if argv[:2] == ["client", "status"]:
-        argv = ["client-status", *argv[2:]]
+    if argv[:2] in (["client", "status"], ["client", "key"]):
+        argv = [f"client-{argv[1]}", *argv[2:]]
     if argv[:2] == ["server", "register"]:
         argv = ["server-register", *argv[2:]]
     args = build_parser().parse_args(argv)

@@ -88,6 +88,9 @@ class Server:
         collected = collect(self.cohort, server_round, nodes, self.arrays, request) if nodes \
             else Collected({"sampled": [], "clients": [], "train_loss": [], "steps": [], "upload_bytes": [],
                             "dropped": [], "declined": []})  # a Poisson draw can be empty
+        if self.k > 1:  # whether a device's choice read its records (the audit requires its charge then)
+            sent = hive.unpack({k: v.numpy() for k, v in self.arrays.items()}, self.k)
+            collected.record.setdefault("hive", {})["identical"] = hive.identical(sent)
         update = self.update(collected)
         if self.user_level is not None:
             collected.record["user_dp"] = {"contributors": collected.contributors,
@@ -179,7 +182,9 @@ class Server:
         else:
             base_eval = last_eval = self.evaluate(0, eval_nodes)
             save_checkpoint(self, 0)  # the initial adapter: where every client's first round starts
-            self.run.append_metrics({"round": 0, "run_id": self.run_id, "evaluate": base_eval,
+            # what each device declared at discovery: the auditor compares it with its ledger's record count
+            discovery = {info.client_id: info.num_records for info in self.cohort.infos.values()}
+            self.run.append_metrics({"round": 0, "run_id": self.run_id, "evaluate": base_eval, "discovery": discovery,
                                      "seconds": round(time.time() - started, 2)})
             save_server_state(self, 0)
 

@@ -7,7 +7,7 @@ from fedllm.cli import main
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--set", "lora.r=0"], "config key 'lora.r': got 0, expected an integer >= 1"),
+    (["--set", "lora.r=0"], "config key 'lora.r': got 0, expected an integer in 1..1024"),
     (["--set", "lora.rank=4"], "unknown config key 'lora.rank'; did you mean 'lora.r'"),
     (["--set", "lora.r"], "--set expects KEY=VALUE"),
     (["--config", "no-such-file.toml"], "config file no-such-file.toml does not exist"),

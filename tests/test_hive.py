@@ -253,6 +253,11 @@ def test_each_specialist_is_aggregated_from_its_choosers_alone(hive_server):
     assert np.allclose(next(iter(secure[0].values())), 2.0) and secure[1] is None
     # with hive.min-choosers 2 the lone chooser of specialist 2 moves nothing; it is said in the record
     server.config = server.config.with_values({"hive.min-choosers": 2})
+    running = [RunningSum(shapes) for _ in range(3)]
+    running[0].add(Contribution("a", {k: 2 * v for k, v in ones.items()}, 10, 0))
+    running[0].add(Contribution("b", {k: 4 * v for k, v in ones.items()}, 30, 0))
+    running[2].add(Contribution("c", {k: -v for k, v in ones.items()}, 5, 2))
+    server.config = server.config.with_values({"secagg.enabled": False})
     collected = Collected({}, running_by=running, contributors=3, counts=[2.0, 0.0, 1.0])
     held = server.update(collected)
     assert held[1] is None and held[2] is None and all(np.allclose(v, 3.5) for v in held[0].values())
@@ -458,3 +463,69 @@ def test_the_scored_subsample_keeps_each_records_vote_its_own():
     assert scored(examples, 0, key) == examples and scored(examples[:10], 50, key) == examples[:10]
     other = scored(examples, 50, b"j" * 16)
     assert other != full  # a fresh key is a fresh draw
+
+
+def _forged(run_dir, tmp_path, edit, sign_with):
+    """A copy of the run whose first report is edited, re-linked, re-claimed and re-signed,
+    as whoever can write the run directory could do."""
+    import shutil
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedllm.audit.evidence import recompute_epsilon
+    from fedllm.privacy import chain, signing
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    path = next(p for p in sorted((copy / "privacy" / "clients").glob("*.json"))
+                if any(e["kind"] == "select" for e in json.loads(p.read_text())["history"]))
+    report = json.loads(path.read_text())
+    entries = edit([{k: v for k, v in e.items() if k not in ("hash", "prev_hash")} for e in report["history"]])
+    report["genesis"], report["history"] = chain.link(report, entries)
+    report["head"] = report["history"][-1]["hash"]
+    report["epsilon"] = recompute_epsilon(report["history"], report["delta"], "pld")
+    # a stolen device key (its state store read), or the forger's own
+    key = signing.device_key(copy / "clients" / report["client_id"]) if sign_with == "steal" \
+        else Ed25519PrivateKey.generate()
+    report["signature"] = key.sign(signing.signed_bytes(report)).hex()
+    report["signing_key"] = signing.public_hex(key)
+    path.write_text(json.dumps(report))
+    return copy, report["client_id"]
+
+
+def test_the_audit_fails_edited_re_signed_reports_with_or_without_the_ledgers(private_hive, tmp_path, capsys):
+    from fedllm.audit.records import audit_path
+    from fedllm.cli import main
+
+    clean = audit_path(private_hive)
+    assert not clean.failures and {f.check for f in clean.findings if f.status == "pass"} >= {
+        "signature", "records", "select"}
+    stores = private_hive / "clients"
+    keys = {}
+    for store in sorted(p for p in stores.iterdir() if (p / "signing.pub").exists()):
+        assert main(["client", "key", "--state-dir", str(stores), "--client-id", store.name]) == 0
+        keys.update(json.loads(capsys.readouterr().out))
+    assert len(keys) >= 3 and all(len(v) == 64 for v in keys.values())
+    nowhere = tmp_path / "no-ledgers"
+    nowhere.mkdir()
+
+    def failed(run, **kw):
+        return {(f.client, f.check) for f in audit_path(run, **kw).failures}
+
+    dropped, client = _forged(private_hive, tmp_path / "a", lambda h: [e for e in h if e["kind"] != "select"], None)
+    for kw in ({}, {"state_dir": nowhere, "keys": keys}):  # the devices' stores at hand, or only the operator's keys
+        assert {(client, "signature"), (client, "select")} <= failed(dropped, **kw), kw
+    assert (client, "signature") in failed(dropped, state_dir=nowhere)  # no key to trust: not a pass
+
+    def false_rate(history):
+        return [*history[:1], {**history[0], "kind": "records", "steps": 0, "sample_rate": 0.01, "num_records": 40},
+                *history[1:]]
+
+    rated, client = _forged(private_hive, tmp_path / "b", false_rate, None)
+    for kw in ({}, {"state_dir": nowhere, "keys": keys}):
+        assert {(client, "records"), (client, "signature")} <= failed(rated, **kw), kw
+    # the device's own key, were it stolen, still leaves the dropped choice for the select check
+    stolen, client = _forged(private_hive, tmp_path / "c", lambda h: [e for e in h if e["kind"] != "select"],
+                             "steal")
+    assert (client, "select") in failed(stolen, state_dir=nowhere, keys=keys)
+    assert (client, "signature") not in failed(stolen, state_dir=nowhere, keys=keys)

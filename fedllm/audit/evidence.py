@@ -112,16 +112,24 @@ class ServerRecord:
     dropped: set[int] = field(default_factory=set)
     declined: set[int] = field(default_factory=set)
     personalised: dict[int, bool] = field(default_factory=dict)  # round -> charged personal steps
+    declared: int | None = None  # the record count it declared at discovery (round 0's record)
+    hive_differed: dict[int, bool] = field(default_factory=dict)  # round -> the specialists sent differed
 
 
 def server_records(run: RunDir) -> tuple[str, dict[str, ServerRecord]]:
     """(run id, client -> ServerRecord) from the run's metrics.jsonl."""
     records: dict[str, ServerRecord] = {}
     run_id = ""
+    discovery: dict[str, int] = {}
+    differed: dict[int, bool] = {}
     for m in run.metrics():
         r = int(m["round"])
         run_id = m.get("run_id", run_id)
+        if isinstance(m.get("discovery"), dict):
+            discovery.update({str(c): n for c, n in m["discovery"].items() if type(n) is int})
         train = m.get("train", {})
+        if isinstance(train.get("hive"), dict) and "identical" in train["hive"]:
+            differed[r] = train["hive"]["identical"] is False
         for c in train.get("sampled", []):
             records.setdefault(c, ServerRecord()).sampled.add(r)
         steps = train.get("steps", [None] * len(train.get("clients", [])))
@@ -134,6 +142,10 @@ def server_records(run: RunDir) -> tuple[str, dict[str, ServerRecord]]:
         for c, metrics in m.get("evaluate", {}).get("clients", {}).items():
             if "personal-declined" in metrics:
                 records.setdefault(c, ServerRecord()).personalised[r] = not metrics["personal-declined"]
+    for c in discovery:
+        records.setdefault(c, ServerRecord())
+    for c, record in records.items():
+        record.declared, record.hive_differed = discovery.get(c), differed
     return run_id, records
 
 

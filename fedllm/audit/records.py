@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fedllm.audit import chain
+from fedllm.audit import chain, trust
 from fedllm.audit.evidence import (Audit, Checker, ClientEpsilon, ServerRecord, read_json, recompute_epsilon,
                                    server_records, type_ok)
 from fedllm.audit.user import check_user_level
@@ -24,7 +24,7 @@ from fedllm.rundir import RunDir
 from fedllm.state import safe_name
 
 CHECKS = ("fields", "versions", "privacy-unit", "sampling", "chain", "delta", "epsilon-pld", "epsilon-rdp",
-          "target", "rounds", "device-ledger")
+          "target", "rounds", "device-ledger", "signature", "records", "select")
 RUN_CHECKS = ("fields", "summary", "target", "ledger-restart")  # of the run as a whole: privacy/summary.json against the reports
 REQUIRED = {
     "client_id": str, "num_records": int, "delta": float, "target_epsilon": float, "noise_multiplier": float,
@@ -36,8 +36,10 @@ VERSIONED = ("fedllm", "opacus", "torch", "dp-accounting")
 
 
 def check_report(audit: Audit, report: Any, name: str, config: Mapping[str, Any] | None = None,
-                 server: ServerRecord | None = None, run_id: str = "") -> None:
-    """All per-client checks on one report (or ledger file) `report`, found under `name`."""
+                 server: ServerRecord | None = None, run_id: str = "",
+                 key: tuple[str | None, str] | None = None) -> None:
+    """All per-client checks on one report (or ledger file) `report`, found under `name`;
+    `key`: the trusted public key to verify a report's signature with, and its source."""
     client = report.get("client_id", name) if isinstance(report, dict) else name
     check = Checker(audit, str(client))
     if not isinstance(report, dict):
@@ -90,6 +92,13 @@ def check_report(audit: Audit, report: Any, name: str, config: Mapping[str, Any]
 
     broken = chain.problems(report)
     check("chain", not broken, ", ".join(f for f, _ in broken), "; ".join(f"{f} {m}" for f, m in broken))
+    if is_ledger:
+        check("signature", None, "", "a device's own ledger file: its reports are what it signs")
+    else:
+        trust.check_signature(check, report, *(key or (None, "")))
+    batch = int(config["train.batch-size"]) if config and type(config.get("train.batch-size")) is int else None
+    trust.check_records(check, report, batch, server.declared if server is not None else None, run_id)
+    trust.check_selects(check, report, server, run_id)
 
     delta, n = report["delta"], report["num_records"]
     check("delta", 0 < delta < 1.0 / n, "delta", f"{delta} is not below 1/n = {1.0 / n:.4g} ({n} records)")
@@ -231,7 +240,8 @@ def _run_checks(audit: Audit, run: RunDir, reports: dict[str, dict], config: Map
           f"{sorted(restarted)[:5]}")
 
 
-def audit_path(path: Path | str, tolerance: float = 0.01, state_dir: Path | str | None = None) -> Audit:
+def audit_path(path: Path | str, tolerance: float = 0.01, state_dir: Path | str | None = None,
+               keys: Mapping[str, str] | None = None) -> Audit:
     """Audit a run directory (its `privacy/clients/*.json`, against `metrics.jsonl`, and
     the devices' ledgers when their state store is at hand) or a state store
     (`*/ledger.json`) or one ledger file."""
@@ -240,7 +250,7 @@ def audit_path(path: Path | str, tolerance: float = 0.01, state_dir: Path | str 
         raise FedllmError(f"{path} does not exist; give a run directory or a client state store")
     run = RunDir.existing(path) if path.is_dir() else None
     if run is not None and (run.client_reports_dir.is_dir() or run.user_level_file.is_file()):
-        return _audit_run(run, tolerance, state_dir)
+        return _audit_run(run, tolerance, state_dir, keys)
     ledgers = [path] if path.is_file() else sorted(path.glob("*/ledger.json")) or sorted(path.glob("ledger.json"))
     if not ledgers:
         config, _ = read_json(run.config_file) if run is not None else (None, "")
@@ -259,7 +269,8 @@ def audit_path(path: Path | str, tolerance: float = 0.01, state_dir: Path | str 
     return audit
 
 
-def _audit_run(run: RunDir, tolerance: float, state_dir: Path | str | None) -> Audit:
+def _audit_run(run: RunDir, tolerance: float, state_dir: Path | str | None,
+               keys: Mapping[str, str] | None = None) -> Audit:
     audit = Audit(run.path, "run", tolerance)
     config, _ = read_json(run.config_file)
     config = config if isinstance(config, dict) else {}
@@ -278,7 +289,12 @@ def _audit_run(run: RunDir, tolerance: float, state_dir: Path | str | None) -> A
             Checker(audit, report_path.stem)("fields", False, f"privacy/clients/{report_path.name}", why)
             continue
         server = servers.get(report.get("client_id"), ServerRecord()) if servers is not None else None
-        check_report(audit, report, report_path.stem, config, server, run_id)
+        client = str(report.get("client_id", report_path.stem)) if isinstance(report, dict) else report_path.stem
+        try:
+            store = Path(state_dir) / safe_name(client)
+        except FedllmError:
+            store = None
+        check_report(audit, report, report_path.stem, config, server, run_id, trust.trusted_key(client, keys, store))
         if isinstance(report, dict) and audit.status(str(report.get("client_id")), "fields") == "pass":
             reports[report["client_id"]] = report
             _check_device(audit, report, Path(state_dir) / safe_name(report["client_id"]) / "ledger.json")

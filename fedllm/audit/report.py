@@ -14,7 +14,8 @@ from fedllm.audit.user import SUBJECT, USER_CHECKS
 
 SHORT = {"fields": "fields", "versions": "vers", "privacy-unit": "unit", "sampling": "poisson", "chain": "chain",
          "delta": "delta", "epsilon-pld": "pld", "epsilon-rdp": "rdp", "target": "target", "rounds": "rounds",
-         "device-ledger": "device", "summary": "summary"}
+         "device-ledger": "device", "signature": "signed", "records": "records", "select": "select",
+         "summary": "summary"}
 MARK = {"pass": "ok", "fail": "FAIL", "skip": "-"}
 EXPLAIN = {
     "fields": "every required field present with the right type (mechanism, delta, target, history, chain)",
@@ -28,6 +29,10 @@ EXPLAIN = {
     "target": "the target epsilon was never exceeded (claim, and recomputation within tolerance)",
     "rounds": "rounds and steps charged agree with the server's metrics.jsonl for this client",
     "device-ledger": "the device's own ledger extends the chain the server was shown",
+    "signature": "the report is signed with the device's own key (from --keys or its state store), not re-signed",
+    "records": "each record-count change states its count, its rate is the one that count gives, and the count "
+               "in force in this run is the one the device declared at discovery",
+    "select": "every hive round whose specialists differed charged a choice before training, at the pinned noise",
     "summary": "privacy/summary.json agrees with the client reports",
 }
 

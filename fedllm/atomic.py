@@ -41,6 +41,15 @@ def append_line(path: Path, value: Any) -> None:
         os.fsync(handle.fileno())
 
 
+def private_dir(path: Path | str) -> Path:
+    """A folder only its owner can enter (a run directory, a state root): what is inside
+    names clients and their records' effects, whatever modes other tools give their files."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
 def open_private(path: Path, mode: str = "a"):
     """Open for appending (`"a"`, text; `"ab"`, bytes), created 0600 like every other file
     of a run directory or state store (they name clients and their records' effects)."""

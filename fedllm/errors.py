@@ -4,6 +4,11 @@ The CLI prints these without a traceback and exits non-zero; anything else is a 
 """
 
 
+# how a refused state-store file is fixed: the device writes each of them again
+MOVE_ASIDE = ("move it aside (the device writes it again: the global adapter at its next round, a personal one "
+              "when it next personalises)")
+
+
 class FedllmError(Exception):
     """Base class for errors a user can act on."""
 

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from fedllm import atomic
-from fedllm.errors import FedllmError
+from fedllm.errors import MOVE_ASIDE, FedllmError
 from fedllm.personal_model import DeviceModel, generate, load_device_model
-from fedllm.state import MOVE_ASIDE, StateStore
+from fedllm.state import StateStore
 
 FORMATS = ("hf", "onnx", "gguf")
 ONNX_TOLERANCE = 1e-3  # max |logit difference| onnxruntime vs PyTorch, float32 on CPU

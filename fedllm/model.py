@@ -6,6 +6,7 @@ Only adapter tensors ever cross the wire or get checkpointed; the keys are peft'
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -148,3 +149,6 @@ def save_adapter(peft_model, state: AdapterState, path: Path) -> None:
     """Write `state` as a PEFT adapter directory (`PeftModel.from_pretrained` loads it)."""
     load_adapter_state(peft_model, state)
     peft_model.save_pretrained(str(path))
+    for written in Path(path).rglob("*"):  # peft writes 0644; a run's checkpoints are its owner's alone
+        if written.is_file():
+            os.chmod(written, 0o600)

@@ -47,8 +47,7 @@ def load_state(path: Path) -> AdapterState | None:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    from fedllm.errors import FedllmError
-    from fedllm.state import MOVE_ASIDE
+    from fedllm.errors import MOVE_ASIDE, FedllmError
 
     path = Path(path)
     if not path.exists():

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from fedllm.config import Config
-from fedllm.errors import FedllmError
-from fedllm.state import MODEL_KEYS, MOVE_ASIDE, StateStore
+from fedllm.errors import MOVE_ASIDE, FedllmError
+from fedllm.state import MODEL_KEYS, StateStore
 
 CHOICES = ("personal", "global", "base", "hive")
 

@@ -55,7 +55,7 @@ class RunDir:
     def __init__(self, path: Path | str, create: bool = True):
         self.path = Path(path)
         if create:
-            self.path.mkdir(parents=True, exist_ok=True)
+            atomic.private_dir(self.path)
 
     @classmethod
     def existing(cls, path: Path | str) -> "RunDir":

@@ -31,10 +31,6 @@ MODEL_KEYS = ("model.name", "model.max-length", "lora.r", "lora.alpha", "lora.dr
               "personal.method", "personal.r", "seed", "hive.k")
 
 
-MOVE_ASIDE = ("move it aside (the device writes it again: the global adapter at its next round, a personal one "
-              "when it next personalises)")
-
-
 def safe_name(client_id: str) -> str:
     """A client id as a file or folder name; never one that is (or climbs above) its folder."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", client_id)

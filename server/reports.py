@@ -59,8 +59,9 @@ def hive_summary(server: Any, last_eval: dict[str, Any]) -> dict[str, Any]:
             kinds = {c.client_id: c.kind for c in load_clients(config)}
         except Exception:  # noqa: BLE001 - a server without the corpus reports no purity
             kinds = {}
-    per_round = [m["train"]["hive"]["counts"] for m in server.run.metrics()
-                 if isinstance(m.get("train"), dict) and isinstance(m["train"].get("hive"), dict)]
+    per_round = [m["train"]["hive"]["counts"] for m in server.run.metrics()  # a refused round has none
+                 if isinstance(m.get("train"), dict) and isinstance(m["train"].get("hive"), dict)
+                 and "counts" in m["train"]["hive"]]
     one_adapter = sum(a.numpy().nbytes for a in server.arrays.values()) / server.k
     return {
         "k": server.k, "method": config.hive.method,

@@ -146,7 +146,12 @@ class Server:
             log.warning("round %d: the aggregate is not finite; global adapter unchanged", server_round)
 
     def evaluate(self, server_round: int, nodes: list[int], personalise: bool = False) -> dict[str, Any]:
-        return evaluate(self.cohort, server_round, nodes, self.arrays, self.request(server_round), personalise)
+        result = evaluate(self.cohort, server_round, nodes, self.arrays, self.request(server_round), personalise)
+        if self.k > 1:  # whether a device's choice read its records (the audit requires a charge then)
+            evaluated = hive.unpack({k: v.numpy() for k, v in self.arrays.items()}, self.k)
+            result["hive"] = {"identical": hive.identical(evaluated),
+                              "final": server_round >= self.config.num_server_rounds}
+        return result
 
     # -- the run -------------------------------------------------------------------------
     def run_all(self) -> dict[str, Any]:

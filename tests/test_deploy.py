@@ -171,7 +171,7 @@ def test_operator_registers_a_key_late_and_a_device_refuses_a_looser_budget(tmp_
     assert not list((tmp_path / "state").glob("*/ledger.json"))  # nothing was charged
 
 
-def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir):
+def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir, capsys):
     """Three devices with TLS and node authentication, secure aggregation (SecAgg+) and
     user-level DP on; an unregistered node is refused; the server is killed after round 1
     and restarted, and finishes from its checkpoint; a device killed with SIGKILL while
@@ -208,7 +208,7 @@ def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir):
         _outsider_is_refused(tmp_path, port, certs, rogue / "node-4.pub")
         clients = {i: client(i, certs / "nodes" / f"node-{i}", devices[i - 1], f"client-{i}.log") for i in (1, 2, 3)}
         refused = client(4, certs / "nodes" / "node-4", devices[0], "client-4.log", "--max-restarts", "1")
-        assert refused.wait(timeout=120) != 0
+        assert refused.wait(timeout=300) != 0
         refusal = (tmp_path / "client-4.log").read_text()
         assert "Failed to activate SuperNode" in refusal and "restarting in 1s" in refusal
         assert "its key is not registered" in refusal and "not restarting (--max-restarts 1)" in refusal
@@ -255,6 +255,14 @@ def test_fleet_on_loopback_survives_crashes(tmp_path, cache_dir):
     # restarted SuperNode opened it as it is (the hash chain is intact) and charged the last round after it.
     assert 2 in _ledger_rounds(ledger) and _ledger_rounds(ledger)[-1] == 4
     assert [c.round for c in Ledger.load(ledger).history if c.kind == "train"] == _ledger_rounds(ledger)
-    for i in (1, 2, 3):  # the ledgers on the devices agree with the server's records
-        assert main(["audit", str(run_dir), "--state-dir", str(tmp_path / f"state-{i}"),
-                     "--out", str(tmp_path / f"audit-{i}")]) == 0
+    # the operator collects each device's report key (`fedllm client key`, run on the device)
+    keys = {}
+    for i in (1, 2, 3):
+        capsys.readouterr()
+        assert main(["client", "key", "--state-dir", str(tmp_path / f"state-{i}")]) == 0
+        keys.update(json.loads(capsys.readouterr().out))
+    assert len(keys) == 3
+    (tmp_path / "keys.json").write_text(json.dumps(keys))
+    for i in (1, 2, 3):  # the ledgers on the devices agree with the server's records; every report is signed
+        assert main(["audit", str(run_dir), "--state-dir", str(tmp_path / f"state-{i}"), "--keys",
+                     str(tmp_path / "keys.json"), "--out", str(tmp_path / f"audit-{i}")]) == 0

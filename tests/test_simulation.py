@@ -26,7 +26,8 @@ def _golden_adapter(path: Path) -> None:
     expected, actual = load_state(golden), load_state(path)
     assert set(expected) == set(actual)
     for key in expected:
-        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6)
+        # float32 sums in another order (another CPU's kernels) differ by ~1e-6; a change of behaviour by far more
+        torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-5)
 
 
 def _golden_reports(run_dir: Path) -> None:
@@ -70,6 +71,12 @@ def test_simulate_end_to_end(tmp_path, cache_dir, capsys):
     assert all(len(r["train"]["clients"]) == 3 and not r["train"]["dropped"] for r in rounds[1:])
 
     assert (run_dir / "metrics.png").stat().st_size > 0
+    # the run directory is its owner's alone, logs and plots included (Flower's own home, .flwr,
+    # is reachable only through it)
+    assert run_dir.stat().st_mode & 0o077 == 0
+    for path in run_dir.rglob("*"):
+        if path.is_file() and ".flwr" not in path.relative_to(run_dir).parts:
+            assert path.stat().st_mode & 0o077 == 0, f"{path} is {oct(path.stat().st_mode)}"
     assert "held-out perplexity" in (run_dir / "summary.txt").read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("rounds", "num_clients", "base_model", "upload_bytes_per_client_round", "base_model_bytes"):

@@ -114,6 +114,9 @@ class ServerRecord:
     personalised: dict[int, bool] = field(default_factory=dict)  # round -> charged personal steps
     declared: int | None = None  # the record count it declared at discovery (round 0's record)
     hive_differed: dict[int, bool] = field(default_factory=dict)  # round -> the specialists sent differed
+    # round -> (the specialist it was evaluated with, whether it was the final round), where the
+    # specialists evaluated differed: a choice among them read its records
+    hive_evaluated: dict[int, tuple[int, bool]] = field(default_factory=dict)
 
 
 def server_records(run: RunDir) -> tuple[str, dict[str, ServerRecord]]:
@@ -139,9 +142,14 @@ def server_records(run: RunDir) -> tuple[str, dict[str, ServerRecord]]:
             records.setdefault(d["client_id"], ServerRecord()).dropped.add(r)
         for d in train.get("declined", []):
             records.setdefault(d["client_id"], ServerRecord()).declined.add(r)
-        for c, metrics in m.get("evaluate", {}).get("clients", {}).items():
+        evaluated = m.get("evaluate", {})
+        hive_eval = evaluated.get("hive") if isinstance(evaluated.get("hive"), dict) else {}
+        for c, metrics in evaluated.get("clients", {}).items():
             if "personal-declined" in metrics:
                 records.setdefault(c, ServerRecord()).personalised[r] = not metrics["personal-declined"]
+            if hive_eval.get("identical") is False and isinstance(metrics.get("specialist"), (int, float)):
+                records.setdefault(c, ServerRecord()).hive_evaluated[r] = (int(metrics["specialist"]),
+                                                                           hive_eval.get("final") is True)
     for c in discovery:
         records.setdefault(c, ServerRecord())
     for c, record in records.items():

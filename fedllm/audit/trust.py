@@ -11,7 +11,9 @@ charge and re-link it. Three checks close that:
   that count gives, and in this run the count in force must be what the device declared
   to the server at discovery;
 - select: a hive round whose specialists differed (the server records it) shows a choice
-  charged before the training charge, at the noise the ledger's header pins.
+  charged before the training charge, at the noise the ledger's header pins; an evaluation
+  with another specialist than 0 among ones that differed shows a choice charged in or
+  before it (in the final round: in it).
 
 Re-implemented here from the documented formats (docs/auditing.md), not imported from the
 code that signs: the audit checks that code, it does not reuse it.
@@ -154,7 +156,25 @@ def check_selects(check: Checker, report: Mapping[str, Any], server: ServerRecor
                 if before.get("kind") != "select" or int(before.get("round", -1)) != r:
                     problems.append(f"history[{i}]: round {r} trained one of specialists that differed, with no "
                                     "choice charged before it")
+        problems += _evaluation_selects(history, server, run_id)
     if problems or noise is not None or (server is not None and server.hive_differed):
         check("select", not problems, "history[].kind", "; ".join(problems[:3]))
     else:
         check("select", None, "", "not a hive run")
+
+
+def _evaluation_selects(history: list, server: ServerRecord, run_id: str) -> list[str]:
+    """An evaluation among specialists that differed used a choice that read the records: one
+    the device keeps from an earlier charged choice, or, in the final round (the specialists it
+    personalises from), one charged in that round. Specialist 0 is also what a device takes
+    when it cannot pay (chosen without its data), so only another specialist needs its charge."""
+    selects = [int(e["round"]) for e in history if e.get("kind") == "select" and e.get("run", "") == run_id]
+    problems = []
+    for r, (specialist, final) in sorted(server.hive_evaluated.items()):
+        if specialist == 0:
+            continue
+        if final and r not in selects:
+            problems.append(f"round {r} (the last) evaluated specialist {specialist} with no choice charged in it")
+        elif not any(s <= r for s in selects):
+            problems.append(f"round {r} evaluated specialist {specialist} with no choice charged in or before it")
+    return problems

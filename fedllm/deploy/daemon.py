@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedllm import atomic
 from fedllm.deploy import processes
 from fedllm.errors import FedllmError
 
@@ -44,7 +45,7 @@ def supernode_command(*, superlink: str, ca_cert: Path, key: Path, data: Path, s
     data = Path(data).resolve()
     records = device_client(data, client_id, 1, 0.2)  # readable, here and now, not at the first round
     state_dir = Path(state_dir).resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    atomic.private_dir(state_dir)
     node_config = {"data-path": str(data), "state-dir": str(state_dir), "require-dp": require_dp,
                    "max-epsilon": float(max_epsilon), "max-delta": float(max_delta), "model": model,
                    "device": device, "dtype": dtype}

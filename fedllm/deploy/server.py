@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 from fedllm.config import Config
+from fedllm import atomic
 from fedllm.deploy import processes
 from fedllm.errors import FedllmError
 from fedllm.rundir import RunDir
@@ -65,7 +66,7 @@ def serve(config: Config, run_dir: Path, *, ca_cert: Path, cert: Path, key: Path
     key = processes.require_file(key, "server private key", "--key")
     keys = node_keys(nodes)
     run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic.private_dir(run_dir)
     flwr_home = run_dir / ".flwr"
     processes.write_connection(flwr_home, f"127.0.0.1:{local_port}", ca_cert)
     log = run_dir / "superlink.log"

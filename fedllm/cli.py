@@ -1,6 +1,7 @@
 """The `fedllm` command.
 
     fedllm simulate [--config FILE] [--set KEY=VALUE ...] [--run-dir DIR]
+    fedllm sweep --config GRID.toml --out DIR [--tracking auto|tensorboard|none]
     fedllm base build [--config FILE] [--set KEY=VALUE ...]
     fedllm base shape NAME --out DIR [--set KEY=VALUE ...]
     fedllm audit RUN_DIR | STATE_STORE [--tolerance T] [--state-dir DIR] [--keys FILE] [--out DIR]
@@ -64,6 +65,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print()
     print(format_summary(summary))
     print(f"\nrun directory: {run_dir} (Flower's and the workers' output: {run_dir / 'simulation.log'})")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from fedllm.sweep import load_grid, run_sweep
+
+    grid = load_grid(args.config)  # every cell checked before anything runs
+    run_sweep(grid, args.out, tracking=args.tracking)
+    print((args.out / "sweep.md").read_text())
     return 0
 
 
@@ -264,6 +274,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(sim)
     sim.add_argument("--run-dir", type=Path, help="where the run writes its files (default: runs/<time>)")
     sim.set_defaults(func=cmd_simulate)
+
+    sweep = sub.add_parser("sweep", help="a grid of simulations: sweep.csv, sweep.md and frontier.png (what privacy "
+                                         "costs)", description="Run every cell of a grid file (TOML: base, seeds, "
+                           "[set], [grid]; see fedllm.sweep) as a fedllm simulate run under DIR/runs/, one after "
+                           "another; finished cells are never rerun, a crashed one resumes.")
+    sweep.add_argument("--config", type=Path, required=True, help="the grid file")
+    sweep.add_argument("--out", type=Path, required=True, help="where the runs and the results go")
+    sweep.add_argument("--tracking", choices=("auto", "tensorboard", "none"), default="auto",
+                       help="TensorBoard event files per cell under DIR/tensorboard (auto: when installed)")
+    sweep.set_defaults(func=cmd_sweep)
 
     base = sub.add_parser("base", help="the built-in base model")
     base_sub = base.add_subparsers(dest="base_command", required=True)

@@ -119,6 +119,9 @@ class LoraConfig:
     alpha: float = _key(16.0, *POS_FLOAT)
     dropout: float = _key(0.0, lambda v: 0 <= v < 1, "a number in [0, 1)")
     target_modules: str = _key("auto", lambda v: bool(v.strip()), "'auto' or comma-separated module names")
+    freeze_a: bool = _key(False, None, "true or false",
+                          "FFA-LoRA: A stays as drawn from `seed` (the same on every device), only B trains and "
+                          "is sent: half the upload, and under DP half the noised coordinates")
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,27 @@ def _source(request: DeviceRequest):
     return int(request.node[wire.NODE_PARTITION])
 
 
+def check_global(config, arrays: dict[str, np.ndarray]) -> None:
+    """The adapter a server sent is this device's model's, slot by slot: the same keys
+    (lora.freeze-a: B alone), shapes and finite values. Checked before anything is charged
+    or loaded, so a request that does not fit is refused whole, never half-run."""
+    from fedllm.worker import worker_for
+
+    expected = worker_for(config).initial
+    for j, state in enumerate(hive.unpack(arrays, config.hive.k)):
+        where = f"specialist {j}'s adapter" if config.hive.k > 1 else "the adapter sent"
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or extra:
+            raise FedllmError(f"{where} does not fit this device's model (lora.r={config.lora.r}, lora.freeze-a="
+                              f"{str(config.lora.freeze_a).lower()}): missing {missing[:2]}, unexpected {extra[:2]}")
+        for key, value in state.items():
+            if tuple(np.shape(value)) != tuple(expected[key].shape):
+                raise FedllmError(f"{where}: {key} has shape {tuple(np.shape(value))}, this model's is "
+                                  f"{tuple(expected[key].shape)}")
+            if not np.isfinite(np.asarray(value, dtype=np.float64)).all():
+                raise FedllmError(f"{where}: {key} holds values that are not finite")
+
+
 def _state(arrays: dict[str, np.ndarray]):
     import torch
 
@@ -129,7 +150,7 @@ def train(request: DeviceRequest) -> wire.TrainReply:
     try:
         config, policy = _config(request)
         asked = Request(_round(request.config), _run_id(request.config), _proximal_mu(request.config))
-        hive.unpack(request.arrays, config.hive.k)  # a hive's slots, checked before anything is charged
+        check_global(config, request.arrays)  # what the server sent fits this model, before anything is charged
     except FedllmError as exc:  # a request this device cannot even read: a reply that says why, nothing charged
         local, _ = _local(request)
         data = client_data(device_config({}, local), _source(request))
@@ -159,6 +180,7 @@ def evaluate(request: DeviceRequest) -> wire.EvalReply:
     from fedllm.schedule import limit_threads
 
     config, policy = _config(request)
+    check_global(config, request.arrays)  # a request that does not fit is an error reply, nothing charged
     asked = Request(_round(request.config), _run_id(request.config))
     limit_threads(request.node)
     packed = _state(request.arrays)

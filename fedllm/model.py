@@ -104,14 +104,31 @@ def attach_lora(model, lora, seed: int):
         peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=True)
     except ValueError as exc:
         raise ModelError(f"lora.target-modules={lora.target_modules}: {exc}") from exc
+    peft_model.fedllm_freeze_a = bool(getattr(lora, "freeze_a", False))
+    train_adapter(peft_model)
     return peft_model
 
 
+def frozen_a(peft_model) -> bool:
+    """Whether A is frozen (lora.freeze-a): then it is never trained, sent or received."""
+    return bool(getattr(peft_model, "fedllm_freeze_a", False))
+
+
+def train_adapter(peft_model) -> None:
+    """The LoRA tensors train, A only when not frozen; nothing of the base does."""
+    frozen = frozen_a(peft_model)
+    for name, param in peft_model.named_parameters():
+        param.requires_grad_("lora_" in name and not (frozen and "lora_A" in name))
+
+
 def adapter_state(peft_model) -> AdapterState:
-    """A detached fp32 copy of the adapter tensors, keyed as peft saves them."""
+    """A detached fp32 copy of the adapter tensors that train and travel, keyed as peft saves
+    them (with A frozen, B alone: A is the seed's on every device and in every checkpoint)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+    frozen = frozen_a(peft_model)
+    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in get_peft_model_state_dict(peft_model).items()
+            if not (frozen and "lora_A" in k)}
 
 
 def load_adapter_state(peft_model, state: AdapterState) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from fedllm import atomic
-from fedllm.model import AdapterState, target_modules
+from fedllm.model import AdapterState, target_modules, train_adapter
 
 PERSONAL = "personal"
 METHODS = ("none", "finetune", "adapter", "ditto")
@@ -114,8 +114,7 @@ def stacked_personal_adapter(model, personal, lora, state: AdapterState | None, 
     finally:
         model.base_model.set_adapter("default")
         model.delete_adapter(PERSONAL)
-        for name, param in model.named_parameters():
-            param.requires_grad_("lora_" in name)
+        train_adapter(model)
 
 
 def trainable_snapshot(model) -> dict[str, torch.Tensor]:

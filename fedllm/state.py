@@ -28,7 +28,7 @@ from fedllm.untrusted import number_in
 
 # The config keys that say what the stored adapters are adapters of (model.json).
 MODEL_KEYS = ("model.name", "model.max-length", "lora.r", "lora.alpha", "lora.dropout", "lora.target-modules",
-              "personal.method", "personal.r", "seed", "hive.k")
+              "lora.freeze-a", "personal.method", "personal.r", "seed", "hive.k")
 
 
 def safe_name(client_id: str) -> str:

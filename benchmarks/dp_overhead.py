@@ -30,7 +30,7 @@ from fedllm.config import parse_assignment
 from fedllm.model import adapter_state, load_adapter_state
 from fedllm.privacy.engine import make_private
 from fedllm.train import loader_for, make_optimizer, train_local
-from fedllm.simulate import load_experiment
+from fedllm.simulate import experiment_path, load_experiment
 
 
 def time_block(model, batches, optimizer) -> float:
@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--client", type=int, default=0, help="partition whose data is used")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
-    config = load_experiment(None, dict(parse_assignment(a) for a in args.assignments))
+    config = load_experiment(experiment_path("plays.toml"), dict(parse_assignment(a) for a in args.assignments))
     torch.set_num_threads(1)  # one simulation worker = one CPU
 
     worker = worker_for(config)

@@ -1,4 +1,5 @@
-"""Round time with Flower's SecAgg+ on against off, on the default experiment.
+"""Round time with Flower's SecAgg+ on against off, on the first default experiment
+(simulations/plays.toml: 100 roles, 10 a round), where its recorded figures come from.
 
 Both arms are full simulations of the default config (its model, 10 clients per round,
 record-level DP as configured) run in this one process, alternating off/on so drift on
@@ -20,11 +21,11 @@ import tempfile
 from pathlib import Path
 
 from fedllm.config import parse_assignment
-from fedllm.simulate import load_experiment, simulate
+from fedllm.simulate import experiment_path, load_experiment, simulate
 
 
 def run_arm(overrides: dict, secagg: bool, rounds: int) -> tuple[list[float], list[int]]:
-    config = load_experiment(None, {**overrides, "num-server-rounds": rounds, "evaluate.every": rounds,
+    config = load_experiment(experiment_path("plays.toml"), {**overrides, "num-server-rounds": rounds, "evaluate.every": rounds,
                                     "evaluate.num-clients": 2, "secagg.enabled": secagg})
     with tempfile.TemporaryDirectory() as tmp:
         simulate(config, Path(tmp) / "run")

@@ -30,7 +30,7 @@ from fedllm.client_round import Request, client_data, client_seed, train_round, 
 from fedllm.config import parse_assignment
 from fedllm.devices import resolve_device, resolve_dtype, synchronize
 from fedllm.model import load_adapter_state
-from fedllm.simulate import load_experiment
+from fedllm.simulate import experiment_path, load_experiment
 from fedllm.shapes import shape_of
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     # Privacy off by default: this measures what the worker cache saves, not DP accounting.
     overrides = {"privacy.enabled": "false", **dict(parse_assignment(a) for a in args.assignments)}
-    config = load_experiment(None, overrides)
+    config = load_experiment(experiment_path("plays.toml"), overrides)
     torch.set_num_threads(args.threads)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.model.dtype, device)

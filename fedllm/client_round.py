@@ -82,11 +82,13 @@ def client_seed(seed: int, server_round: int, client_id: str) -> int:
 
 
 def train_steps(config: Config, worker: Worker, examples, steps: int, lr: float, seed: int,
-                ledger: Ledger | None = None, proximal_mu: float = 0.0, anchor=None, after_step=None) -> TrainResult:
+                ledger: Ledger | None = None, proximal_mu: float = 0.0, anchor=None, after_step=None,
+                optimizer_name: str = "adamw") -> TrainResult:
     """`steps` steps on the model's trainable (adapter) weights: DP-SGD when a ledger is
-    given (the caller has already charged it), plain AdamW otherwise."""
+    given (the caller has already charged it), plain steps otherwise, with the named local
+    optimizer (federated rounds: train.optimizer; personalisation: AdamW)."""
     loader = loader_for(examples, config.train.batch_size, worker.tokenizer.pad_token_id, seed)
-    optimizer = make_optimizer(worker.model, lr, config.train.weight_decay)
+    optimizer = make_optimizer(worker.model, lr, config.train.weight_decay, optimizer_name)
     if ledger is None:
         return train_local(worker.model, loader, optimizer, steps, proximal_mu, anchor, after_step)
     before = trainable_snapshot(worker.model)
@@ -136,7 +138,8 @@ def train_round(config: Config, source: Source, global_state: dict[str, torch.Te
     try:
         result = train_steps(config, worker, train_examples, config.local_steps, config.train.lr,
                              client_seed(config.seed, request.server_round, data.client_id), ledger,
-                             request.proximal_mu, after_step=_stop_when(still_available))
+                             request.proximal_mu, after_step=_stop_when(still_available),
+                             optimizer_name=config.train.optimizer)
     except Unavailable as stopped:
         load_adapter_state(worker.model, global_state)  # nothing of the cut-short steps is kept or sent
         report = client_report(ledger, str(stopped), config.privacy.target_epsilon) if ledger is not None else None

@@ -129,6 +129,9 @@ class TrainConfig:
     batch_size: int = _key(8, *_in(1, 10**5))
     lr: float = _key(1e-2, *POS_FLOAT)
     weight_decay: float = _key(0.0, *NON_NEG_FLOAT)
+    optimizer: str = _key("adamw", lambda v: v in ("adamw", "sgd"), "one of 'adamw', 'sgd'",
+                          "the local optimizer; under DP with few local steps 'sgd' (a fresh Adam moves every "
+                          "coordinate by about lr, noise or not)")
 
 
 ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")

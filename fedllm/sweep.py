@@ -9,6 +9,8 @@ A grid file (TOML) names an experiment, fixed overrides, keys to lists of values
     [grid]
     "privacy.target-epsilon" = [2.0, 8.0]
     "privacy.enabled" = [true, false]
+    [variants.small]                         # optional: named sets of keys swept together
+    "lora.r" = 1
 
 Every cell is checked as a config before anything runs. Cells that are the same run (keys
 with no effect under the others: `privacy.*` without DP) are run once. Each cell is a
@@ -34,7 +36,8 @@ from fedllm import atomic
 from fedllm.config import Config, load_toml
 from fedllm.errors import ConfigError
 
-GRID_FIELDS = ("base", "seeds", "set", "grid")
+GRID_FIELDS = ("base", "seeds", "set", "grid", "variants")
+VARIANT = "variant"  # the grid dimension of [variants.NAME] tables: named sets of keys swept together
 # keys a sweep owns: each cell's run directory is its own
 SWEEP_OWNS = ("run-dir",)
 # what stays the same for a fair comparison: the devices, rounds and seeds (a private row is
@@ -93,6 +96,9 @@ def load_grid(path: Path | str) -> Grid:
             raise ConfigError(f"grid file {path}: [grid] {key!r}: each value must be a number, string or boolean")
         if len(set(map(repr, values))) != len(values):
             raise ConfigError(f"grid file {path}: [grid] {key!r} lists a value twice: {values!r}")
+    variants = _variants(path, table)
+    if variants:
+        swept[VARIANT] = list(variants)
     overlap = sorted(set(fixed) & set(swept))
     if overlap:
         raise ConfigError(f"grid file {path}: {overlap} in both [set] and [grid]; keep each key in one")
@@ -112,8 +118,9 @@ def load_grid(path: Path | str) -> Grid:
     for combo in combos:
         for seed in seeds:
             values = {**dict(zip(swept, combo)), "seed": seed}
+            chosen = {k: v for k, v in values.items() if k != VARIANT}
             try:
-                config = Config.from_flat({**experiment, **fixed, **values})
+                config = Config.from_flat({**experiment, **fixed, **chosen, **variants.get(values.get(VARIANT), {})})
             except ConfigError as exc:
                 shown = ", ".join(f"{k}={v}" for k, v in values.items())
                 raise ConfigError(f"grid file {path}: the cell {shown}: {exc}") from None
@@ -123,6 +130,23 @@ def load_grid(path: Path | str) -> Grid:
             seen[identity] = cell = Cell(values, config, _name(len(seen), values, identity))
             grid.cells.append(cell)
     return grid
+
+
+def _variants(path: Path, table: dict) -> dict[str, dict[str, Any]]:
+    """[variants.NAME] tables: each a set of config keys that go together (the DP levers,
+    user-level DP), swept as the `variant` dimension; a variant's keys win over [grid]'s."""
+    from fedllm.config import flatten
+
+    variants = _table(path, table, "variants")
+    out = {}
+    for name, keys in variants.items():
+        if not isinstance(keys, dict):
+            raise ConfigError(f"grid file {path}: [variants.{name}] must be a table of config keys")
+        flat = flatten(keys)
+        if any(k in SWEEP_OWNS or k == "seed" for k in flat):
+            raise ConfigError(f"grid file {path}: [variants.{name}] may not set run-dir or seed")
+        out[str(name)] = flat
+    return out
 
 
 def _table(path: Path, table: dict, name: str) -> dict:
@@ -261,7 +285,8 @@ def row(cell: Cell, run_dir: Path) -> dict[str, Any]:
     metrics = RunDir.existing(run_dir).metrics()
     evaluated = [m["evaluate"] for m in metrics if isinstance(m.get("evaluate"), dict) and m["evaluate"].get("clients")]
     out: dict[str, Any] = {**cell.values, "privacy.enabled": cell.config.privacy.enabled,
-                           "privacy.target-epsilon": cell.config.privacy.target_epsilon}
+                           "privacy.target-epsilon": cell.config.privacy.target_epsilon,
+                           "user-dp.enabled": cell.config.user_dp.enabled}
     for name, part in (("base", summary.get("base")), ("global", summary.get("global")),
                        ("personalised", summary.get("personalised"))):
         out[f"{name}_perplexity"] = _num((part or {}).get("perplexity"))
@@ -312,7 +337,7 @@ def _gain_kept(rows: list[dict[str, Any]], grid: Grid) -> None:
         best: dict[tuple, float] = {}
         for r in rows:
             loss = r.get(f"{prefix}global_loss")
-            if not r["privacy.enabled"] and loss is not None:
+            if not private(r) and loss is not None:
                 group = _population(r, keys)
                 best[group] = min(best.get(group, loss), loss)
         for r in rows:
@@ -322,9 +347,14 @@ def _gain_kept(rows: list[dict[str, Any]], grid: Grid) -> None:
             r[f"{prefix}gain_kept"] = gain
 
 
+def private(r: dict[str, Any]) -> bool:
+    """Record-level or user-level DP: a row that is no non-private reference."""
+    return bool(r.get("privacy.enabled")) or bool(r.get("user-dp.enabled"))
+
+
 def columns(grid: Grid, rows: list[dict[str, Any]]) -> list[str]:
     first = [*grid.keys, "seed"]
-    first += [k for k in ("privacy.enabled", "privacy.target-epsilon") if k not in first]
+    first += [k for k in ("privacy.enabled", "privacy.target-epsilon", "user-dp.enabled") if k not in first]
     rest = [k for r in rows for k in r if k not in first]
     ordered = []
     for k in rest:
@@ -360,8 +390,8 @@ def table(grid: Grid, rows: list[dict[str, Any]]) -> str:
     head = [*shown, *(label for label, _ in figures)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [_fmt(r.get(k)) if not (k == "privacy.target-epsilon" and not r["privacy.enabled"]) else "no DP"
-                 for k in shown]
+        cells = [_fmt(r.get(k)) if not (k == "privacy.target-epsilon" and not r["privacy.enabled"]) else
+                 ("user-level" if r.get("user-dp.enabled") else "no DP") for k in shown]
         cells += [_fmt(r.get(name), percent=name.endswith("gain_kept")) for _, name in figures]
         lines.append("| " + " | ".join(cells) + " |")
     note = ("\ngain kept: (base - this) / (base - best non-private) in held-out loss (nats), against the best "
@@ -383,7 +413,7 @@ def _fmt(value: Any, percent: bool = False) -> str:
 
 def method_of(r: dict[str, Any], grid: Grid) -> str:
     """A curve of the frontier: the swept keys other than the privacy budget and the seed."""
-    keys = [k for k in grid.keys if k not in ("privacy.target-epsilon", "privacy.enabled")]
+    keys = [k for k in grid.keys if k not in ("privacy.target-epsilon", "privacy.enabled", "user-dp.enabled")]
     return ", ".join(f"{k}={r.get(k)}" for k in keys) or "fedllm"
 
 
@@ -404,7 +434,10 @@ def frontier(grid: Grid, rows: list[dict[str, Any]], path: Path) -> None:
             continue
         if r["privacy.enabled"]:
             curves.setdefault(method_of(r, grid), {}).setdefault(float(r["privacy.target-epsilon"]), []).append(ppl)
-        else:
+        elif r.get("user-dp.enabled") and r.get("user_epsilon") is not None:  # at the user-level epsilon spent
+            label = f"user-level: {method_of(r, grid)}"
+            curves.setdefault(label, {}).setdefault(float(r["user_epsilon"]), []).append(ppl)
+        elif not private(r):
             references.setdefault(method_of(r, grid), []).append(ppl)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (method, points) in enumerate(sorted(curves.items())):
@@ -419,7 +452,7 @@ def frontier(grid: Grid, rows: list[dict[str, Any]], path: Path) -> None:
         ax.axhline(statistics.fmean(base), linestyle=":", color="grey", label="base model")
     if curves:
         ax.set_xscale("log", base=2)
-    ax.set(xlabel="record-level epsilon (target, delta as configured)",
+    ax.set(xlabel="epsilon (record-level: the target; user-level: spent)",
            ylabel="held-out perplexity (global adapter)", title="what privacy costs")
     ax.legend(fontsize=7)
     fig.tight_layout()

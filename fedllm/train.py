@@ -58,8 +58,13 @@ def loader_for(examples: list[list[int]], batch_size: int, pad_id: int, seed: in
     )
 
 
-def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(model, lr: float, weight_decay: float, name: str = "adamw") -> torch.optim.Optimizer:
+    """The local optimizer (train.optimizer). Under DP with few local steps, plain SGD: a
+    fresh Adam's first steps are lr x sign(gradient + noise) per coordinate, so noise moves
+    every coordinate as far as signal does; SGD's step is proportional to the noised mean."""
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(trainable, lr=lr, weight_decay=weight_decay)
     return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
 
 

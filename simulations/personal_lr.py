@@ -26,7 +26,7 @@ from fedllm.evaluate import evaluate
 from fedllm.model import adapter_state, load_adapter_state
 from fedllm.personal import stacked_personal_adapter
 from fedllm.train import loader_for, make_optimizer, train_local
-from fedllm.simulate import load_experiment
+from fedllm.simulate import experiment_path, load_experiment
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
-    config = load_experiment(None, {"privacy.enabled": "false"})
+    config = load_experiment(experiment_path("plays.toml"), {"privacy.enabled": "false"})
     worker = worker_for(config)
     saved = load_file(str(args.checkpoint / "adapter_model.safetensors"))
     global_state = {k: saved[k] for k in adapter_state(worker.model)}

@@ -28,6 +28,7 @@ def test_values_are_typed_by_key():
     ({"train.lr": "nan"}, r"'train.lr'.*finite"),
     ({"train.lr": -1}, r"'train.lr'.*> 0"),
     ({"strategy.name": "fedsgd"}, r"'strategy.name'.*one of 'fedavg', 'fedadam', 'fedprox'"),
+    ({"train.optimizer": "adam"}, r"'train.optimizer'.*one of 'adamw', 'sgd'"),
     ({"data.holdout-fraction": 1}, r"strictly between 0 and 1"),
     ({"model.name": " "}, r"'model.name'"),
     ({"clients-per-round": 200}, r"clients-per-round=200 exceeds num-clients=100"),

@@ -168,3 +168,21 @@ def test_freeze_a_halves_the_upload_keeps_a_the_seeds_and_passes_the_audit(swept
     summary = json.loads((frozen / "summary.json").read_text())
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(summary["base_model"]), checkpoints[-1])
     assert sum(1 for n, _ in model.named_parameters() if "lora_A" in n) == len(a_keys)
+
+
+def test_variants_sweep_named_sets_of_keys_together(tmp_path):
+    from fedllm.sweep import load_grid
+
+    grid_file = tmp_path / "grid.toml"
+    grid_file.write_text(f'base = "{TINY}"\n[grid]\n"privacy.target-epsilon" = [2.0, 8.0]\n'
+                         '[variants.plain]\n[variants.levers]\n"lora.r" = 1\n"lora.freeze-a" = true\n'
+                         '[variants.user]\n"privacy.enabled" = false\n"user-dp.enabled" = true\n')
+    grid = load_grid(grid_file)
+    assert grid.keys == ["privacy.target-epsilon", "variant"]
+    by = {(c.values["variant"], c.values["privacy.target-epsilon"]): c.config for c in grid.cells}
+    assert by["levers", 2.0].lora.r == 1 and by["levers", 2.0].lora.freeze_a and by["plain", 8.0].lora.r == 2
+    # user-level DP alone: the record-level budget has no effect there, so one run, not two
+    assert sum(1 for v, _ in by if v == "user") == 1 and len(grid.cells) == 5
+    grid_file.write_text(f'base = "{TINY}"\n[variants.bad]\n"lora.r" = 0\n')
+    with pytest.raises(ConfigError, match="lora.r"):
+        load_grid(grid_file)

@@ -111,19 +111,17 @@ def check_global(config, arrays: dict[str, np.ndarray]) -> None:
     """The adapter a server sent is this device's model's, slot by slot: the same keys
     (lora.freeze-a: B alone), shapes and finite values. Checked before anything is charged
     or loaded, so a request that does not fit is refused whole, never half-run."""
+    from fedllm.model import adapter_mismatch
     from fedllm.worker import worker_for
 
     expected = worker_for(config).initial
     for j, state in enumerate(hive.unpack(arrays, config.hive.k)):
         where = f"specialist {j}'s adapter" if config.hive.k > 1 else "the adapter sent"
-        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or extra:
+        why = adapter_mismatch(expected, {k: np.asarray(v) for k, v in state.items()})
+        if why:
             raise FedllmError(f"{where} does not fit this device's model (lora.r={config.lora.r}, lora.freeze-a="
-                              f"{str(config.lora.freeze_a).lower()}): missing {missing[:2]}, unexpected {extra[:2]}")
+                              f"{str(config.lora.freeze_a).lower()}): {why}")
         for key, value in state.items():
-            if tuple(np.shape(value)) != tuple(expected[key].shape):
-                raise FedllmError(f"{where}: {key} has shape {tuple(np.shape(value))}, this model's is "
-                                  f"{tuple(expected[key].shape)}")
             if not np.isfinite(np.asarray(value, dtype=np.float64)).all():
                 raise FedllmError(f"{where}: {key} holds values that are not finite")
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -131,17 +133,24 @@ def adapter_state(peft_model) -> AdapterState:
             if not (frozen and "lora_A" in k)}
 
 
+def adapter_mismatch(expected: Mapping[str, Any], state: Mapping[str, Any]) -> str:
+    """Why `state` is not an adapter of `expected`'s keys and shapes ("" when it is)."""
+    if set(state) != set(expected):
+        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        return f"adapter keys do not match: missing {missing[:3]}, unexpected {extra[:3]}"
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            return f"adapter tensor {key}: shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}"
+    return ""
+
+
 def load_adapter_state(peft_model, state: AdapterState) -> None:
     """Copy adapter tensors in; refuses anything but exactly the adapter's own keys."""
     from peft import set_peft_model_state_dict
 
-    expected = adapter_state(peft_model)
-    if set(state) != set(expected):
-        missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        raise ModelError(f"adapter keys do not match: missing {missing[:3]}, unexpected {extra[:3]}")
-    for key, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ModelError(f"adapter tensor {key}: shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)}")
+    why = adapter_mismatch(adapter_state(peft_model), state)
+    if why:
+        raise ModelError(why)
     result = set_peft_model_state_dict(peft_model, state)
     if getattr(result, "unexpected_keys", None):
         raise ModelError(f"adapter keys not used by the model: {result.unexpected_keys[:3]}")

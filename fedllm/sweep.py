@@ -26,6 +26,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -33,8 +34,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedllm import atomic
-from fedllm.config import Config, load_toml
-from fedllm.errors import ConfigError
+from fedllm.config import Config, flatten, load_toml
+from fedllm.errors import ConfigError, FedllmError
 
 GRID_FIELDS = ("base", "seeds", "set", "grid", "variants")
 VARIANT = "variant"  # the grid dimension of [variants.NAME] tables: named sets of keys swept together
@@ -82,8 +83,6 @@ def load_grid(path: Path | str) -> Grid:
         raise ConfigError(f"grid file {path}: unknown field(s) {unknown}; expected {list(GRID_FIELDS)} "
                           "(config keys go in [set] or [grid])")
     base = _base_path(path, table.get("base"))
-    from fedllm.config import flatten
-
     fixed = flatten(_table(path, table, "set"))
     swept = flatten(_table(path, table, "grid"))
     for key in (*fixed, *swept):
@@ -135,8 +134,6 @@ def load_grid(path: Path | str) -> Grid:
 def _variants(path: Path, table: dict) -> dict[str, dict[str, Any]]:
     """[variants.NAME] tables: each a set of config keys that go together (the DP levers,
     user-level DP), swept as the `variant` dimension; a variant's keys win over [grid]'s."""
-    from fedllm.config import flatten
-
     variants = _table(path, table, "variants")
     out = {}
     for name, keys in variants.items():
@@ -178,20 +175,19 @@ def _default_experiment() -> dict[str, Any]:
     return load_toml(experiment_path())
 
 
-INERT_WITHOUT = {"privacy.enabled": "privacy.", "user-dp.enabled": "user-dp.", "secagg.enabled": "secagg."}
+# (switch, its value that turns a feature off, the keys that then have no effect)
+INERT_WHEN = (("privacy.enabled", False, "privacy."), ("user-dp.enabled", False, "user-dp."),
+              ("secagg.enabled", False, "secagg."), ("personal.method", "none", "personal."),
+              ("hive.k", 1, "hive."))
 
 
 def _identity(config: Config) -> str:
     """What makes two cells the same run: their configs, without the keys that have no
     effect in them (`privacy.*` when privacy is off, and so on)."""
     flat = config.to_flat()
-    for switch, prefix in INERT_WITHOUT.items():
-        if flat[switch] is False:
+    for switch, off, prefix in INERT_WHEN:
+        if flat[switch] == off:
             flat = {k: v for k, v in flat.items() if not k.startswith(prefix) or k == switch}
-    if flat["personal.method"] == "none":
-        flat = {k: v for k, v in flat.items() if not k.startswith("personal.") or k == "personal.method"}
-    if flat["hive.k"] == 1:
-        flat = {k: v for k, v in flat.items() if not k.startswith("hive.") or k == "hive.k"}
     flat.pop("run-dir", None)
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
 
@@ -236,7 +232,7 @@ def run_sweep(grid: Grid, out: Path, run: Callable[[Config, Path], Any] | None =
             f"median {_fmt(r['epsilon_median']) or '-'}, {took[-1]:.0f} s")
     rows = collect(grid, runs)
     write_results(grid, rows, out)
-    trackers = track(grid, runs, out / "tensorboard", tracking, log)
+    trackers = track(grid, rows, out / "tensorboard", tracking)
     log(f"fedllm sweep: {len(rows)} rows in {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'frontier.png'}"
         + (f"; TensorBoard: tensorboard --logdir {out / 'tensorboard'}" if trackers else "")
         + (f" ({time.time() - started:.0f} s)" if todo else ""))
@@ -281,37 +277,63 @@ def row(cell: Cell, run_dir: Path) -> dict[str, Any]:
     global, personalised), epsilon spent, user-level epsilon, upload and wall time."""
     from fedllm.rundir import RunDir
 
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = _summary(run_dir)
     metrics = RunDir.existing(run_dir).metrics()
-    evaluated = [m["evaluate"] for m in metrics if isinstance(m.get("evaluate"), dict) and m["evaluate"].get("clients")]
+    evaluated = [_dict(m.get("evaluate")) for m in metrics if _dict(_dict(m.get("evaluate")).get("clients"))]
     out: dict[str, Any] = {**cell.values, "privacy.enabled": cell.config.privacy.enabled,
                            "privacy.target-epsilon": cell.config.privacy.target_epsilon,
                            "user-dp.enabled": cell.config.user_dp.enabled}
-    for name, part in (("base", summary.get("base")), ("global", summary.get("global")),
-                       ("personalised", summary.get("personalised"))):
-        out[f"{name}_perplexity"] = _num((part or {}).get("perplexity"))
-        out[f"{name}_loss"] = _num((part or {}).get("loss"))
+    for name in ("base", "global", "personalised"):
+        part = _dict(summary.get(name))
+        out[f"{name}_perplexity"], out[f"{name}_loss"] = _num(part.get("perplexity")), _num(part.get("loss"))
     if evaluated:
         kinds = _kinds(cell.config)
         first, last = evaluated[0]["clients"], evaluated[-1]["clients"]
         for kind in sorted({k for k in kinds.values() if k}):
             for name, per_client, prefix in (("base", first, ""), ("global", last, ""),
                                              ("personalised", last, "personal-")):
-                values = [m for c, m in per_client.items() if kinds.get(c) == kind and f"{prefix}loss" in m]
+                values = [(_num(_dict(m).get(f"{prefix}perplexity")), _num(_dict(m).get(f"{prefix}loss")))
+                          for c, m in per_client.items() if kinds.get(c) == kind]
+                values = [v for v in values if None not in v]
                 if values:
-                    out[f"{kind}_{name}_perplexity"] = statistics.fmean(m[f"{prefix}perplexity"] for m in values)
-                    out[f"{kind}_{name}_loss"] = statistics.fmean(m[f"{prefix}loss"] for m in values)
-    eps = (summary.get("privacy") or {}).get("epsilon") or {}
+                    out[f"{kind}_{name}_perplexity"] = statistics.fmean(p for p, _ in values)
+                    out[f"{kind}_{name}_loss"] = statistics.fmean(loss for _, loss in values)
+    eps = _dict(_dict(summary.get("privacy")).get("epsilon"))
     out.update({"epsilon_min": _num(eps.get("min")), "epsilon_median": _num(eps.get("median")),
                 "epsilon_max": _num(eps.get("max")),
-                "user_epsilon": _num((summary.get("user_level_privacy") or {}).get("epsilon")),
+                "user_epsilon": _num(_dict(summary.get("user_level_privacy")).get("epsilon")),
                 "upload_bytes": _num(summary.get("upload_bytes_per_client_round")),
                 "wall_seconds": _num(summary.get("wall_seconds")), "run_dir": str(run_dir)})
     return out
 
 
+def _summary(run_dir: Path) -> dict[str, Any]:
+    """A cell's summary.json (on disk, so checked): a JSON object, or an error naming it."""
+    path = run_dir / "summary.json"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        summary = exc
+    if not isinstance(summary, dict):
+        raise FedllmError(f"{path} is not a run summary ({str(summary)[:80]}); move it aside and start the sweep "
+                          "again: that cell resumes and writes it anew")
+    return summary
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
 def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """A finite number read back from a run directory, else None (an empty cell)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def row_kinds(rows: list[dict[str, Any]]) -> list[str]:
+    """The corpus kinds the rows have figures for ("code", "verse")."""
+    return sorted({k.split("_", 1)[0] for r in rows for k in r if k.endswith("_global_loss")})
 
 
 def _kinds(config: Config) -> dict[str, str]:
@@ -332,7 +354,7 @@ def _gain_kept(rows: list[dict[str, Any]], grid: Grid) -> None:
     """gain_kept: (base - private) / (base - best non-private) in held-out loss (nats), the
     reference being the best non-private row on the same devices, rounds and seed."""
     keys = [*grid.keys, "seed"]
-    for kind in ("", *sorted({k.split("_", 1)[0] for r in rows for k in r if k.endswith("_global_loss")})):
+    for kind in ("", *row_kinds(rows)):
         prefix = f"{kind}_" if kind else ""
         best: dict[tuple, float] = {}
         for r in rows:
@@ -378,7 +400,7 @@ def write_results(grid: Grid, rows: list[dict[str, Any]], out: Path) -> None:
 
 def table(grid: Grid, rows: list[dict[str, Any]]) -> str:
     """sweep.md: the swept keys, then what each row learned and spent."""
-    kinds = sorted({k.split("_", 1)[0] for r in rows for k in r if k.endswith("_global_loss")})
+    kinds = row_kinds(rows)
     shown = [*grid.keys, "seed"] + [k for k in ("privacy.target-epsilon",) if k not in grid.keys]
     figures = [("base ppl", "base_perplexity"), ("global ppl", "global_perplexity"),
                ("personal ppl", "personalised_perplexity"), ("gain kept", "gain_kept")]
@@ -463,11 +485,12 @@ def frontier(grid: Grid, rows: list[dict[str, Any]], path: Path) -> None:
 
 
 # -- a tracking store ------------------------------------------------------------------------
-def track(grid: Grid, runs: Path, folder: Path, how: str, log: Callable[[str], None]) -> int:
-    """TensorBoard event files, one run per cell (per-round perplexity, train loss, epsilon;
-    the swept values as hparams), so a sweep's runs compare in the tool researchers use.
-    Written from the run directories, so a resumed sweep's are whole. `how`: auto (when
-    the `tracking` extra is installed), tensorboard, or none. Returns how many were written."""
+def track(grid: Grid, rows: list[dict[str, Any]], folder: Path, how: str) -> int:
+    """TensorBoard event files, one run per finished cell (per-round held-out perplexity and
+    loss, train loss; the swept values as hparams, the final figures as metrics), so a
+    sweep's runs compare in the tool researchers use. Written from the run directories, so
+    a resumed sweep's are whole. `how`: auto (when the `tracking` extra is installed),
+    tensorboard, or none. Returns how many were written."""
     if how == "none":
         return 0
     try:
@@ -480,28 +503,25 @@ def track(grid: Grid, runs: Path, folder: Path, how: str, log: Callable[[str], N
 
     from fedllm.rundir import RunDir
 
-    written = 0
-    for cell in grid.cells:
-        run_dir = runs / cell.name
-        if not done(run_dir):
-            continue
-        target = folder / cell.name
+    for r in rows:
+        run_dir = Path(r["run_dir"])
+        target = folder / run_dir.name
         shutil.rmtree(target, ignore_errors=True)  # rewritten whole: a resumed cell's events stay single
         writer = SummaryWriter(log_dir=str(target))
         for m in RunDir.existing(run_dir).metrics():
             step = int(m["round"])
-            mean = (m.get("evaluate") or {}).get("mean") or {}
-            if "perplexity" in mean:
-                writer.add_scalar("heldout/perplexity", mean["perplexity"], step)
-                writer.add_scalar("heldout/loss", mean["loss"], step)
-            losses = (m.get("train") or {}).get("train_loss") or []
+            mean = _dict(_dict(m.get("evaluate")).get("mean"))
+            for tag, key in (("heldout/perplexity", "perplexity"), ("heldout/loss", "loss")):
+                if _num(mean.get(key)) is not None:
+                    writer.add_scalar(tag, _num(mean[key]), step)
+            reported = _dict(m.get("train")).get("train_loss")
+            losses = [_num(v) for v in reported if _num(v) is not None] if isinstance(reported, list) else []
             if losses:
                 writer.add_scalar("train/loss", statistics.fmean(losses), step)
-        r = row(cell, run_dir)
-        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cell.values.items()}
+        hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in r.items()
+                   if k in (*grid.keys, "seed")}
         final = {f"final/{k}": r[k] for k in ("global_perplexity", "personalised_perplexity", "epsilon_median")
                  if r.get(k) is not None}
         writer.add_hparams(hparams, final, run_name=".")
         writer.close()
-        written += 1
-    return written
+    return len(rows)

@@ -89,8 +89,7 @@ class Server:
             else Collected({"sampled": [], "clients": [], "train_loss": [], "steps": [], "upload_bytes": [],
                             "dropped": [], "declined": []})  # a Poisson draw can be empty
         if self.k > 1:  # whether a device's choice read its records (the audit requires its charge then)
-            sent = hive.unpack({k: v.numpy() for k, v in self.arrays.items()}, self.k)
-            collected.record.setdefault("hive", {})["identical"] = hive.identical(sent)
+            collected.record.setdefault("hive", {})["identical"] = self.specialists_identical()
         update = self.update(collected)
         if self.user_level is not None:
             collected.record["user_dp"] = {"contributors": collected.contributors,
@@ -148,10 +147,14 @@ class Server:
     def evaluate(self, server_round: int, nodes: list[int], personalise: bool = False) -> dict[str, Any]:
         result = evaluate(self.cohort, server_round, nodes, self.arrays, self.request(server_round), personalise)
         if self.k > 1:  # whether a device's choice read its records (the audit requires a charge then)
-            evaluated = hive.unpack({k: v.numpy() for k, v in self.arrays.items()}, self.k)
-            result["hive"] = {"identical": hive.identical(evaluated),
+            result["hive"] = {"identical": self.specialists_identical(),
                               "final": server_round >= self.config.num_server_rounds}
         return result
+
+    def specialists_identical(self) -> bool:
+        """Whether the hive's specialists, as the global adapter holds them now, are all the
+        same (a new hive): a device's choice among them then reads no record."""
+        return hive.identical(hive.unpack({k: v.numpy() for k, v in self.arrays.items()}, self.k))
 
     # -- the run -------------------------------------------------------------------------
     def run_all(self) -> dict[str, Any]:

@@ -466,19 +466,29 @@ def test_the_scored_subsample_keeps_each_records_vote_its_own():
 
 
 def _forged(run_dir, tmp_path, edit, sign_with):
-    """A copy of the run whose first report is edited, re-linked, re-claimed and re-signed,
-    as whoever can write the run directory could do."""
+    """A copy of the run whose first report that had to charge a choice is edited, re-linked,
+    re-claimed and re-signed, as whoever can write the run directory could do. (Which device
+    had to is the run's draw: it trained among specialists that differed, or was evaluated
+    with one other than 0, the choice every device may take unpaid.)"""
     import shutil
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from fedllm.audit.evidence import recompute_epsilon
+    from fedllm.audit.evidence import recompute_epsilon, server_records
     from fedllm.privacy import chain, signing
+    from fedllm.rundir import RunDir
 
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
+    _, seen = server_records(RunDir.existing(copy))
+
+    def had_to_choose(client: str) -> bool:
+        record = seen.get(client)
+        return record is not None and (any(record.hive_differed.get(r) for r in record.accepted)
+                                       or any(s != 0 for s, _ in record.hive_evaluated.values()))
+
     path = next(p for p in sorted((copy / "privacy" / "clients").glob("*.json"))
-                if any(e["kind"] == "select" for e in json.loads(p.read_text())["history"]))
+                if had_to_choose(json.loads(p.read_text())["client_id"]))
     report = json.loads(path.read_text())
     entries = edit([{k: v for k, v in e.items() if k not in ("hash", "prev_hash")} for e in report["history"]])
     report["genesis"], report["history"] = chain.link(report, entries)

@@ -12,8 +12,8 @@ import json
 import subprocess
 from pathlib import Path
 
-from fedllm.config import Config
 from fedllm import atomic
+from fedllm.config import Config
 from fedllm.deploy import processes
 from fedllm.errors import FedllmError
 from fedllm.rundir import RunDir

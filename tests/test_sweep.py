@@ -186,3 +186,17 @@ def test_variants_sweep_named_sets_of_keys_together(tmp_path):
     grid_file.write_text(f'base = "{TINY}"\n[variants.bad]\n"lora.r" = 0\n')
     with pytest.raises(ConfigError, match="lora.r"):
         load_grid(grid_file)
+
+
+def test_every_shipped_experiment_and_grid_file_is_a_valid_config():
+    """The files the README and docs name: a key renamed under them fails here, not an hour into a sweep."""
+    from fedllm.simulate import experiment_path, load_experiment
+    from fedllm.sweep import load_grid
+
+    folder = experiment_path().parent
+    grids = [p for p in sorted(folder.glob("*.toml")) if "[config]" not in p.read_text()]
+    for experiment in sorted(set(folder.glob("*.toml")) - set(grids)):
+        load_experiment(experiment, {})
+    assert grids, "no grid file shipped"
+    for grid_file in grids:
+        assert load_grid(grid_file).cells, grid_file

@@ -8,8 +8,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+LOCK = ".lock"  # in a run directory or a sweep's folder: the pid of the process working in it
 
 
 def write_bytes(path: Path, data: bytes) -> None:
@@ -56,3 +60,33 @@ def open_private(path: Path, mode: str = "a"):
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     os.chmod(path, 0o600)  # a file made 0644 by an older version is narrowed too
     return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
+class InUse(Exception):
+    """Another live process holds the folder's lock (its pid, as it wrote it)."""
+
+    def __init__(self, folder: Path, holder: str):
+        super().__init__(f"{folder} is in use by process {holder}")
+        self.folder, self.holder = folder, holder
+
+
+@contextmanager
+def exclusive(folder: Path | str) -> Iterator[Path]:
+    """Hold `folder`/.lock while the block runs, or raise `InUse` at once. Two processes in
+    one run directory would each resume it, charge the same devices' ledgers for the same
+    round twice and interleave their rounds in metrics.jsonl. The kernel drops the lock
+    when its holder dies, so a crashed run never leaves a stale one behind."""
+    import fcntl
+
+    folder = private_dir(folder)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InUse(folder, os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)

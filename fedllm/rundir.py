@@ -17,6 +17,7 @@ is its only reader and writer; servers, plots, the audit and tools go through `R
     simulation.log       `fedllm simulate` only: everything Flower, Ray and the apps printed
     .flwr/               `fedllm simulate` only: the generated Flower app and the `flwr` CLI's connection
     proxy/               `fedllm server` only: nginx's config and logs
+    .lock                the pid of the simulation or server working in it (one at a time)
 
 How the format may change (auditors and plots read old run directories): a file or field
 is never removed and never changes meaning; a new one is added. A change that cannot be
@@ -30,6 +31,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,18 @@ from fedllm.errors import FedllmError
 from fedllm.state import safe_name
 
 FORMAT = 1  # summary.json `format`: the version of this layout
+
+
+@contextmanager
+def in_use_refused(folder: Path, what: str, flag: str) -> Iterator[Path]:
+    """Work in `folder` alone (`atomic.exclusive`); a second process is refused with who
+    holds it and what to do, before it reads or charges anything."""
+    try:
+        with atomic.exclusive(folder) as held:
+            yield held
+    except atomic.InUse as busy:
+        raise FedllmError(f"{busy.folder} is in use by another {what} (process {busy.holder}): wait for it to end "
+                          f"or stop it, or give another {flag}") from None
 
 
 def default_run_dir() -> Path:

@@ -33,7 +33,7 @@ from fedllm.data import load_clients
 from fedllm.errors import ConfigError, FedllmError
 from fedllm.model import resolve_base
 from fedllm.privacy.user_level import check_delta
-from fedllm.rundir import RunDir
+from fedllm.rundir import RunDir, in_use_refused
 
 DEFAULT_EXPERIMENT = "default.toml"
 EXPERIMENTS = "simulations"  # the package that holds experiment definitions (data, not code, for the library)
@@ -175,6 +175,12 @@ def simulate(config: Config, run_dir: Path, client_app: str | None = None, serve
     _check_cluster(config.simulation.ray_address)
     resolve_base(config)  # build the built-in base once, here, with a progress bar
     run_dir = Path(run_dir).resolve()
+    with in_use_refused(run_dir, "simulation", "--run-dir"):
+        return _simulate(config, run_dir, client_app, server_config, on_round)
+
+
+def _simulate(config: Config, run_dir: Path, client_app: str | None, server_config: Config | None,
+              on_round: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     run = RunDir(run_dir)
     own = config.with_values({"run-dir": str(run_dir)})
     server = (server_config or config).with_values({"run-dir": str(run_dir)})

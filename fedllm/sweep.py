@@ -210,7 +210,14 @@ def run_sweep(grid: Grid, out: Path, run: Callable[[Config, Path], Any] | None =
               log: Callable[[str], None] = print, tracking: str = "auto") -> list[dict[str, Any]]:
     """Run every unfinished cell, one after another, then write sweep.csv, sweep.md and
     frontier.png; returns the rows. `run(config, run_dir)` is fedllm's simulate."""
-    out = atomic.private_dir(out)
+    from fedllm.rundir import in_use_refused
+
+    with in_use_refused(Path(out), "sweep", "--out") as out:
+        return _run_sweep(grid, out, run, log, tracking)
+
+
+def _run_sweep(grid: Grid, out: Path, run: Callable[[Config, Path], Any] | None, log: Callable[[str], None],
+               tracking: str) -> list[dict[str, Any]]:
     runs = atomic.private_dir(out / "runs")
     _check_cells_match(grid, runs)
     run = run or _simulate

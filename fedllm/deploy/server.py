@@ -12,11 +12,10 @@ import json
 import subprocess
 from pathlib import Path
 
-from fedllm import atomic
 from fedllm.config import Config
 from fedllm.deploy import processes
 from fedllm.errors import FedllmError
-from fedllm.rundir import RunDir
+from fedllm.rundir import RunDir, in_use_refused
 
 
 def app_dir() -> Path:
@@ -57,8 +56,6 @@ def serve(config: Config, run_dir: Path, *, ca_cert: Path, cert: Path, key: Path
           host: str = "127.0.0.1", port: int = 9093, local_port: int = 9091) -> dict:
     """Start the SuperLink on loopback and nginx on the device-facing address (Fleet API
     only), register `nodes`/*.pub, run the ServerApp to the end; the summary."""
-    from fedllm.deploy.proxy import exposure, start_proxy
-
     if local_port == port:
         raise FedllmError(f"--local-port {local_port} must differ from --port {port}")
     ca_cert = processes.require_file(ca_cert, "CA certificate", "--ca-cert")
@@ -66,7 +63,14 @@ def serve(config: Config, run_dir: Path, *, ca_cert: Path, cert: Path, key: Path
     key = processes.require_file(key, "server private key", "--key")
     keys = node_keys(nodes)
     run_dir = Path(run_dir).resolve()
-    atomic.private_dir(run_dir)
+    with in_use_refused(run_dir, "server", "--run-dir"):
+        return _serve(config, run_dir, ca_cert, cert, key, keys, host, port, local_port)
+
+
+def _serve(config: Config, run_dir: Path, ca_cert: Path, cert: Path, key: Path, keys: list[Path], host: str,
+           port: int, local_port: int) -> dict:
+    from fedllm.deploy.proxy import exposure, start_proxy
+
     flwr_home = run_dir / ".flwr"
     processes.write_connection(flwr_home, f"127.0.0.1:{local_port}", ca_cert)
     log = run_dir / "superlink.log"

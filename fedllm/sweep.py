@@ -36,6 +36,7 @@ from typing import Any, Callable
 from fedllm import atomic
 from fedllm.config import Config, flatten, load_toml
 from fedllm.errors import ConfigError, FedllmError
+from fedllm.rundir import RunDir, in_use_refused
 
 GRID_FIELDS = ("base", "seeds", "set", "grid", "variants")
 VARIANT = "variant"  # the grid dimension of [variants.NAME] tables: named sets of keys swept together
@@ -210,8 +211,6 @@ def run_sweep(grid: Grid, out: Path, run: Callable[[Config, Path], Any] | None =
               log: Callable[[str], None] = print, tracking: str = "auto") -> list[dict[str, Any]]:
     """Run every unfinished cell, one after another, then write sweep.csv, sweep.md and
     frontier.png; returns the rows. `run(config, run_dir)` is fedllm's simulate."""
-    from fedllm.rundir import in_use_refused
-
     with in_use_refused(Path(out), "sweep", "--out") as out:
         return _run_sweep(grid, out, run, log, tracking)
 
@@ -282,8 +281,6 @@ def collect(grid: Grid, runs: Path) -> list[dict[str, Any]]:
 def row(cell: Cell, run_dir: Path) -> dict[str, Any]:
     """What a researcher compares: perplexity and loss overall and per corpus kind (base,
     global, personalised), epsilon spent, user-level epsilon, upload and wall time."""
-    from fedllm.rundir import RunDir
-
     summary = _summary(run_dir)
     metrics = RunDir.existing(run_dir).metrics()
     evaluated = [_dict(m.get("evaluate")) for m in metrics if _dict(_dict(m.get("evaluate")).get("clients"))]
@@ -507,8 +504,6 @@ def track(grid: Grid, rows: list[dict[str, Any]], folder: Path, how: str) -> int
             raise ConfigError("--tracking tensorboard needs TensorBoard: pip install 'fedllm[tracking]'") from None
         return 0
     import shutil
-
-    from fedllm.rundir import RunDir
 
     for r in rows:
         run_dir = Path(r["run_dir"])

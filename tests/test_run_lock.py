@@ -4,6 +4,7 @@ of metrics.jsonl (seen when two sweeps were started on one --out)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -46,7 +47,7 @@ def test_a_held_folder_names_its_holder_and_is_free_once_the_holder_dies(held):
     holder.kill()  # a crash, not a clean exit: the kernel drops the lock, nothing stale is left
     holder.wait()
     with atomic.exclusive(folder) as path:
-        assert (path / atomic.LOCK).read_text().strip() == str(__import__("os").getpid())
+        assert (path / atomic.LOCK).read_text().strip() == str(os.getpid())
         assert oct((path / atomic.LOCK).stat().st_mode & 0o777) == "0o600"
 
 
